@@ -1,0 +1,123 @@
+"""The ``megaclass`` command line.
+
+Each sub-command imports its stage lazily, so ``megaclass --help`` is instant and a stage's
+heavy dependencies (Ray, DeepSpeed) load only when that stage runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+from megaclass.pipelines.config import ConfigError, config_help, load_config
+
+# sub-command -> "module:function"; each function takes (cfg: RunConfig, force: bool) -> dict.
+STAGE_ENTRYPOINTS = {
+    "embed": "megaclass.pipelines.embed:run_embed",
+    "cluster": "megaclass.pipelines.cluster:run_cluster",
+    "assign": "megaclass.pipelines.assign:run_assign",
+    "train": "megaclass.pipelines.train:run_train",
+    "eval": "megaclass.pipelines.eval:run_eval",
+    "run": "megaclass.pipelines.run:run_pipeline",
+}
+
+
+def _load_entry(spec: str) -> Any:
+    mod_name, fn_name = spec.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name == mod_name:
+            raise SystemExit(f"megaclass: '{mod_name}' is not built yet in this version") from None
+        raise
+    return getattr(mod, fn_name)
+
+
+def _stage_parser(sub: argparse._SubParsersAction, name: str, help_: str) -> None:
+    p = sub.add_parser(name, help=help_)
+    p.add_argument("config", help="YAML run config (configs/demo.yaml, …)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. cluster.k=256")
+    p.add_argument("--force", action="store_true", help="resume even if the config changed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="megaclass",
+        description="Pretrain retrieval encoders on clustered pseudo-classes (Unicom / MLCD).",
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="the whole pipeline on built-in demo data")
+    d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    d.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo.yaml")
+
+    _stage_parser(sub, "run", "all stages in order, resumable")
+    _stage_parser(sub, "embed", "teacher features for every sample (Ray Data)")
+    _stage_parser(sub, "cluster", "spherical k-means into pseudo-classes")
+    _stage_parser(sub, "assign", "top-k pseudo-labels for every sample (Ray Data)")
+    _stage_parser(sub, "train", "train the student (DeepSpeed)")
+    _stage_parser(sub, "eval", "retrieval on held-out classes")
+
+    r = sub.add_parser("report", help="rebuild report.json/md/html from a run directory")
+    r.add_argument("run_dir")
+
+    dd = sub.add_parser("data", help="build demo/evaluation shards")
+    dd.add_argument("dataset", choices=["demo", "openclipart", "fashion-mnist"])
+    dd.add_argument("--out", required=True, help="output folder for the shards")
+    dd.add_argument("--seed", type=int, default=0)
+
+    s = sub.add_parser("slurm", help="render an sbatch script from the config")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--stage", required=True, choices=["embed", "cluster", "assign", "train", "run"])
+    s.add_argument("--out", default=None, help="write the script here instead of printing it")
+
+    sub.add_parser("config-help", help="every config key with its type, default and meaning")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "config-help":
+            print(config_help())
+            return 0
+        if args.cmd in STAGE_ENTRYPOINTS:
+            cfg = load_config(args.config, args.overrides)
+            result = _load_entry(STAGE_ENTRYPOINTS[args.cmd])(cfg, force=args.force)
+            if isinstance(result, dict) and result.get("print_json", False):
+                print(json.dumps(result, indent=2, default=str))
+            return 0
+        if args.cmd == "demo":
+            return int(
+                _load_entry("megaclass.pipelines.demo:run_demo")(args.out, args.overrides) or 0
+            )
+        if args.cmd == "report":
+            _load_entry("megaclass.pipelines.report:build_report")(args.run_dir)
+            return 0
+        if args.cmd == "data":
+            _load_entry("megaclass.data.builders:build_dataset")(
+                args.dataset, args.out, seed=args.seed
+            )
+            return 0
+        if args.cmd == "slurm":
+            cfg = load_config(args.config, args.overrides)
+            script = _load_entry("megaclass.pipelines.slurm:render")(cfg, args.stage, args.config)
+            if args.out:
+                from megaclass.data.atomic import write_text_atomic
+
+                write_text_atomic(args.out, script)
+            else:
+                sys.stdout.write(script)
+            return 0
+    except ConfigError as e:
+        print(f"megaclass: config error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The run directory contract (DESIGN.md): one folder per stage under one root.
+
+A stage reads only the previous stage's folder and writes only its own; a per-shard
+``_done`` record, written last and atomically, is what marks a shard complete.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from megaclass.data.atomic import write_json_atomic, write_text_atomic
+from megaclass.pipelines.config import RunConfig, config_to_dict, dump_config
+
+STAGES = ("embed", "cluster", "assign", "train", "eval")
+
+
+class ConfigChangedError(RuntimeError):
+    """The run directory was created with a different config; resuming needs --force."""
+
+
+@dataclass
+class RunDir:
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # --- stage folders -----------------------------------------------------------------
+    @property
+    def embed(self) -> Path:
+        return self.root / "embed"
+
+    @property
+    def cluster(self) -> Path:
+        return self.root / "cluster"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "labels"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def ckpt(self) -> Path:
+        return self.root / "train" / "ckpt"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    # --- config ------------------------------------------------------------------------
+    def write_config(self, cfg: RunConfig, force: bool = False) -> None:
+        """Write RUN/config.yaml once; a different config on resume is refused unless forced.
+
+        ``run_dir`` itself is not compared (the same run may be reached by another path).
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        new = config_to_dict(cfg)
+        if self.config_path.exists() and not force:
+            old = yaml.safe_load(self.config_path.read_text()) or {}
+            diffs = _diff(
+                {k: v for k, v in old.items() if k != "run_dir"},
+                {k: v for k, v in new.items() if k != "run_dir"},
+            )
+            if diffs:
+                shown = "; ".join(diffs[:10])
+                raise ConfigChangedError(
+                    f"{self.config_path} was written with a different config ({shown}). "
+                    "Use a new run directory, or pass --force to resume with the new config."
+                )
+            return
+        write_text_atomic(self.config_path, dump_config(cfg))
+
+    # --- per-shard done records ----------------------------------------------------------
+    @staticmethod
+    def done_path(stage_dir: Path, stem: str) -> Path:
+        return stage_dir / "_done" / f"{stem}.json"
+
+    @staticmethod
+    def read_done(stage_dir: Path, stem: str) -> dict[str, Any] | None:
+        p = RunDir.done_path(stage_dir, stem)
+        if not p.exists():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return None  # a torn record counts as not done
+
+    @staticmethod
+    def write_done(stage_dir: Path, stem: str, record: dict[str, Any]) -> None:
+        write_json_atomic(RunDir.done_path(stage_dir, stem), record)
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in a or k not in b:
+                out.append(f"{key}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}")
+            else:
+                out.extend(_diff(a[k], b[k], key))
+        return out
+    return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]

@@ -1,0 +1,67 @@
+import pytest
+import yaml
+from megaclass.pipelines.config import ConfigError, RunConfig, config_help, load_config
+from megaclass.pipelines.rundir import ConfigChangedError, RunDir
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_overrides(tmp_path):
+    p = _write(tmp_path, "cluster:\n  k: 16\ntrain:\n  lr: 1e-3\n")
+    cfg = load_config(p, ["cluster.k=32", "train.sample_rate=0.5", "eval.compact_dims=[8, 16]"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.cluster.k == 32
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.train.sample_rate == 0.5
+    assert cfg.eval.compact_dims == [8, 16]
+    assert cfg.embed.batch_size == 64  # untouched default
+
+
+@pytest.mark.parametrize(
+    "text,overrides,needle",
+    [
+        ("cluster:\n  kk: 3\n", [], "cluster.kk: unknown key"),
+        ("cluster:\n  k: many\n", [], "cluster.k: expected int"),
+        ("", ["train.steps=1.5"], "train.steps: expected int"),
+        ("", ["cluster.backend=gpu-magic"], "cluster.backend"),
+        ("", ["nosuch.k=1"], "nosuch: unknown key"),
+        ("", ["train.freeze_backbone=maybe"], "train.freeze_backbone: expected true/false"),
+        ("", ["eval.recall_ks=[1, x]"], "eval.recall_ks[1]: expected int"),
+        ("- a list\n", [], "top level must be a mapping"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, text, overrides, needle):
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, overrides)
+    assert needle in str(e.value)
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_every_field_documented():
+    text = config_help()
+    for line in text.splitlines():
+        if line.startswith("  "):
+            assert not line.rstrip().endswith(":"), f"undocumented field: {line}"
+
+
+def test_run_dir_refuses_changed_config(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "cluster.k=8"])
+    rd.write_config(cfg)
+    rd.write_config(cfg)  # same config: fine
+    stored = yaml.safe_load(rd.config_path.read_text())
+    assert stored["cluster"]["k"] == 8
+    changed = load_config(None, [f"run_dir={tmp_path / 'run'}", "cluster.k=9"])
+    with pytest.raises(ConfigChangedError, match=r"cluster\.k: 8 -> 9"):
+        rd.write_config(changed)
+    rd.write_config(changed, force=True)
+    assert yaml.safe_load(rd.config_path.read_text())["cluster"]["k"] == 9
