@@ -1,0 +1,279 @@
+"""Two-level spherical k-means: the way to a million centroids on modest hardware.
+
+Level 1 clusters a subsample into ``coarse_k ≈ √k`` groups (faiss, checkpointed per iteration)
+and assigns every point to its group. Level 2 gives group g ``k_g`` sub-centroids in
+proportion to its population (:func:`allocate`: at least 1, never more than the group's points,
+summing to exactly k — the allocation that faiss.contrib's two-level helper lacks, which makes it
+fail with "clus.k > 0" on skewed input) and clusters each group independently. Groups are
+processed in batches — Ray tasks, or a local thread pool (faiss releases the GIL), whichever is
+faster on the machine — and each finished batch is checkpointed, so a killed run redoes at
+most one batch per worker. Optional flat refinement iterations follow.
+
+The centroids come out ordered by group; ``extra["coarse"]`` and ``extra["group_offsets"]``
+describe that tree, which :mod:`megaclass.clustering.search` uses to assign points to 10^6
+centroids without an exact 10^6-way search.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from megaclass.clustering.kmeans import (
+    KMeansParams,
+    KMeansResult,
+    data_fingerprint,
+    faiss_iterate,
+    init_centroids,
+    lloyd_iterate,
+    run_iterations,
+)
+from megaclass.data.atomic import atomic_path
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+# faiss's own ceiling: more points per centroid than this add time, not quality.
+MAX_POINTS_PER_CENTROID = 256
+
+
+def allocate(pop: np.ndarray, k: int) -> np.ndarray:
+    """Sub-centroids per group ∝ population: ≥1 for every non-empty group, ≤ its population,
+    summing to exactly ``k`` (largest-remainder rounding, lowest index first on ties)."""
+    pop = np.asarray(pop, dtype=np.int64)
+    nonempty = pop > 0
+    if k > pop.sum():
+        raise ValueError(f"k={k} exceeds the number of points {int(pop.sum())}")
+    if k < int(nonempty.sum()):
+        raise ValueError(
+            f"k={k} is smaller than the number of non-empty groups {int(nonempty.sum())}"
+        )
+    quota = k * pop / pop.sum()
+    alloc = np.where(nonempty, np.clip(np.floor(quota), 1, pop), 0).astype(np.int64)
+    idx = np.arange(len(pop))
+    while (diff := k - int(alloc.sum())) != 0:
+        if diff > 0:
+            cand = np.flatnonzero(alloc < pop)
+            prio = quota[cand] - alloc[cand]  # most under-served first
+            step = 1
+        else:
+            cand = np.flatnonzero(alloc > 1)
+            prio = alloc[cand] - quota[cand]  # most over-served first
+            step = -1
+        order = np.lexsort((idx[cand], -prio))[: abs(diff)]
+        alloc[cand[order]] += step
+    return alloc
+
+
+def _cluster_group(x: np.ndarray, k: int, niter: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids of one group and the sizes of its (local) clusters."""
+    import faiss
+
+    n, d = x.shape
+    if k >= n:
+        c = x[:k].copy()
+    elif k == 1:
+        m = x.astype(np.float64).sum(axis=0, keepdims=True)
+        c = (m / max(np.linalg.norm(m), 1e-30)).astype(np.float32)
+    else:
+        km = faiss.Kmeans(
+            d,
+            k,
+            niter=niter,
+            spherical=True,
+            seed=seed,
+            min_points_per_centroid=1,
+            max_points_per_centroid=MAX_POINTS_PER_CENTROID,
+            verbose=False,
+        )
+        km.train(x)
+        c = km.centroids.astype(np.float32)
+    _, lab = faiss_flat_search(c, x)
+    return c, np.bincount(lab, minlength=k).astype(np.int64)
+
+
+def faiss_flat_search(c: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    index = faiss.IndexFlatIP(c.shape[1])
+    index.add(np.ascontiguousarray(c))
+    s, i = index.search(np.ascontiguousarray(x), 1)
+    return s[:, 0], i[:, 0]
+
+
+def _run_batch(
+    xs: np.ndarray, offsets: np.ndarray, alloc: np.ndarray, groups: list[int], niter: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    cs, sizes = [], []
+    for g in groups:
+        if alloc[g] == 0:
+            continue
+        c, h = _cluster_group(
+            xs[offsets[g] : offsets[g + 1]], int(alloc[g]), niter, seed * 1_000_003 + g
+        )
+        cs.append(c)
+        sizes.append(h)
+    d = xs.shape[1]
+    if not cs:
+        return np.zeros((0, d), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(cs), np.concatenate(sizes)
+
+
+def _ray_batch(xs, offsets, alloc, groups, niter, seed):  # noqa: ANN001, ANN202 (Ray task body)
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    return _run_batch(xs, offsets, alloc, groups, niter, seed)
+
+
+def _save_batch(path: Path, c: np.ndarray, h: np.ndarray) -> None:
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, centroids=c, sizes=h)
+
+
+def _load_batch(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z["centroids"].copy(), z["sizes"].copy()
+    except Exception:
+        return None
+
+
+def train_hierarchical(
+    x: np.ndarray, params: KMeansParams, state_dir: str | Path | None = None
+) -> KMeansResult:
+    t0 = time.perf_counter()
+    n, d = x.shape
+    k = params.k
+    coarse_k = min(params.coarse_k or max(1, round(np.sqrt(k))), k)
+    sdir = Path(state_dir) if state_dir is not None else None
+    coarse_niter = params.niter if params.coarse_niter is None else params.coarse_niter
+    sub_niter = params.niter if params.sub_niter is None else params.sub_niter
+
+    # Level 1: coarse clustering of a subsample (faiss's 256 points per centroid).
+    rng = np.random.default_rng([params.seed, 3])
+    m = min(n, coarse_k * MAX_POINTS_PER_CENTROID)
+    sub = x if m == n else x[np.sort(rng.choice(n, size=m, replace=False))]
+    init = init_centroids(sub, coarse_k, params.seed)
+    fp = data_fingerprint(x, "hier", k, coarse_k, params.seed, coarse_niter, sub_niter)
+    coarse_res = run_iterations(
+        faiss_iterate(sub, coarse_k),
+        init,
+        coarse_niter,
+        params.seed,
+        None if sdir is None else sdir / "coarse",
+        fp,
+        "coarse",
+    )
+    coarse = coarse_res.centroids
+    t1 = time.perf_counter()
+
+    # Every point to its group; groups as contiguous slices of a sorted copy.
+    _, lab = faiss_flat_search(coarse, x)
+    order = np.argsort(lab, kind="stable")
+    pop = np.bincount(lab, minlength=coarse_k)
+    offsets = np.concatenate([[0], np.cumsum(pop)])
+    xs = x[order]
+    del order, lab
+    alloc = allocate(pop, k)
+    t2 = time.perf_counter()
+
+    # Level 2: groups in batches, each batch checkpointed.
+    groups = [g for g in range(coarse_k) if alloc[g] > 0]
+    batches = [
+        groups[i : i + params.group_batch] for i in range(0, len(groups), params.group_batch)
+    ]
+    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    bdir = None if sdir is None else sdir / f"groups-{fp}"
+    if bdir is not None:
+        for b in range(len(batches)):
+            got = _load_batch(bdir / f"batch-{b:05d}.npz")
+            if got is not None:
+                results[b] = got
+    todo = [b for b in range(len(batches)) if b not in results]
+    bar = tqdm(
+        total=len(batches), initial=len(results), desc="sub-clusters", leave=False, mininterval=2
+    )
+
+    def done(b: int, out: tuple[np.ndarray, np.ndarray]) -> None:
+        results[b] = out
+        if bdir is not None:
+            _save_batch(bdir / f"batch-{b:05d}.npz", *out)
+        bar.update(1)
+
+    if params.hier_parallel == "ray":
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        task = ray.remote(num_cpus=1)(_ray_batch)
+        xref, oref, aref = ray.put(xs), ray.put(offsets), ray.put(alloc)
+        pending = {
+            task.remote(xref, oref, aref, batches[b], sub_niter, params.seed): b for b in todo
+        }
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for r in ready:
+                done(pending.pop(r), ray.get(r))
+        del xref
+    else:
+        import faiss
+
+        workers = max(1, params.num_workers)
+        prev = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                futs = {
+                    pool.submit(
+                        _run_batch, xs, offsets, alloc, batches[b], sub_niter, params.seed
+                    ): b
+                    for b in todo
+                }
+                for f, b in futs.items():
+                    done(b, f.result())
+        finally:
+            faiss.omp_set_num_threads(prev)
+    bar.close()
+    centroids = np.concatenate([results[b][0] for b in range(len(batches))])
+    sizes = np.concatenate([results[b][1] for b in range(len(batches))])
+    assert centroids.shape == (k, d), centroids.shape
+    t3 = time.perf_counter()
+    objective = list(coarse_res.objective)
+    extra = {
+        "coarse_k": coarse_k,
+        "coarse": coarse,
+        "group_offsets": np.concatenate([[0], np.cumsum(alloc)]),
+        "two_level_sizes": sizes,
+        "empty_after_two_levels": int((sizes == 0).sum()),
+        "seconds_coarse": t1 - t0,
+        "seconds_group_assign": t2 - t1,
+        "seconds_sub": t3 - t2,
+        "group_population_max": int(pop.max()),
+        "group_population_min": int(pop.min()),
+    }
+    del xs
+    # Optional flat refinement (each iteration is a full n×k pass: expensive at k = 10^6 on CPU).
+    if params.refine_niter > 0:
+        ref = run_iterations(
+            lloyd_iterate(x, params.chunk_size),
+            centroids,
+            params.refine_niter,
+            params.seed,
+            None if sdir is None else sdir / "refine",
+            data_fingerprint(x, "refine", fp),
+            "refine",
+        )
+        centroids = ref.centroids
+        objective += ref.objective
+        extra["refine_reseeded"] = ref.n_reseeded
+        extra.pop("group_offsets")  # refinement moves centroids across groups: tree no longer exact
+        extra.pop("coarse")
+    extra["seconds_refine"] = time.perf_counter() - t3
+    return KMeansResult(
+        centroids, objective, list(coarse_res.n_reseeded), time.perf_counter() - t0, extra
+    )
