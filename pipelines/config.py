@@ -103,7 +103,7 @@ class ClusterConfig:
     backend: str = "faiss"
     """'faiss', 'distributed' (Lloyd on Ray workers with torch.distributed) or 'hierarchical'."""
     niter: int = 20
-    """Lloyd iterations (flat backends) or refinement iterations after two levels (hierarchical)."""
+    """Lloyd iterations (flat backends), or iterations of each of the two levels (hierarchical)."""
     sample_size: int | None = None
     """Absolute number of training points; None derives it from points_per_centroid."""
     points_per_centroid: int = 256
@@ -120,6 +120,14 @@ class ClusterConfig:
     """Hierarchical backend: first-level clusters (None: round(sqrt(k)))."""
     centroids: str | None = None
     """Bring your own centroids: a .npy file (k x d); skips clustering."""
+    refine_niter: int = 0
+    """Hierarchical backend: flat Lloyd iterations over all k after the two levels (each costs a full n x k pass)."""
+    hier_parallel: str = "threads"
+    """Hierarchical backend: run the groups on a local thread pool ('threads', fastest on one machine) or as Ray tasks ('ray', multi-node)."""
+    group_batch: int = 64
+    """Hierarchical backend: groups per task; each finished batch is checkpointed."""
+    stats_nprobe: int = 8
+    """Groups probed when stats assign the sample through the hierarchy (k x sample too large for exact search)."""
 
 
 @dataclass
@@ -129,7 +137,8 @@ class AssignConfig:
     topk: int = 1
     """Labels kept per sample: 1 for Unicom, 8 for MLCD."""
     method: str = "exact"
-    """'exact' (chunked matmul top-k) or 'hnsw' (approximate, for very large k on CPU)."""
+    """'exact' (chunked matmul top-k), 'hnsw' (faiss HNSW over the centroids) or 'tree' (through the
+    hierarchical backend's coarse level; approximate, for very large k on CPU)."""
     batch_size: int = 8192
     """Rows per map_batches call."""
     concurrency: int = 1
@@ -138,6 +147,14 @@ class AssignConfig:
     """The summary reports the share of samples whose top-1 cosine is below this."""
     labels_dir: str | None = None
     """Bring your own labels: a folder of <stem>.parquet label sidecars; skips assignment."""
+    nprobe: int = 8
+    """Method 'tree': coarse groups searched per sample (more: slower, closer to exact)."""
+    hnsw_m: int = 32
+    """Method 'hnsw': graph degree M of faiss IndexHNSWFlat."""
+    ef_search: int = 128
+    """Method 'hnsw': efSearch (candidate list size at query time)."""
+    num_cpus_per_actor: float = 1.0
+    """CPUs reserved per assignment actor."""
 
 
 @dataclass
@@ -248,7 +265,8 @@ class RunConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "cluster.feature": ("image", "text", "mean"),
     "cluster.backend": ("faiss", "distributed", "hierarchical"),
-    "assign.method": ("exact", "hnsw"),
+    "assign.method": ("exact", "hnsw", "tree"),
+    "cluster.hier_parallel": ("threads", "ray"),
     "train.objective": ("pfc", "mlcd", "siglip"),
     "train.margin": (
         "arcface",
