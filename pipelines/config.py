@@ -86,6 +86,8 @@ class EmbedConfig:
     """GPUs per teacher actor (1 on GPU machines, 0 on CPU)."""
     num_cpus_per_actor: float = 1.0
     """CPUs reserved per teacher actor."""
+    num_cpus_per_decoder: float = 1.0
+    """CPUs reserved per decode task (reads a shard, decodes and preprocesses its images)."""
     max_retries: int = 2
     """Attempts per shard before it is reported as failed and the others go on."""
     embeddings_dir: str | None = None
