@@ -89,7 +89,9 @@ class EmbedConfig:
     num_cpus_per_decoder: float = 1.0
     """CPUs reserved per decode task (reads a shard, decodes and preprocesses its images)."""
     max_retries: int = 2
-    """Attempts per shard before it is reported as failed and the others go on."""
+    """Retries per failing shard (unreadable, or a decode/teacher error) before it is reported as failed."""
+    allow_failed_shards: bool = False
+    """Finish the stage (listing them in _SUCCESS.json) when shards still fail after the retries; default: raise."""
     embeddings_dir: str | None = None
     """Bring your own embeddings: a folder in LAION's layout (img_emb/, text_emb/, metadata/); skips embedding."""
 
