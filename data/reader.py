@@ -1,0 +1,324 @@
+"""Reading img2dataset-style WebDataset shards, one sample at a time, never crashing.
+
+A shard is a tar whose members are grouped by key: ``<key>.jpg|jpeg|png|webp`` (image),
+``<key>.txt`` (caption), ``<key>.json`` (metadata). The key is the member path up to the
+first dot of its file name, as in webdataset. Members of one sample are expected to be
+contiguous (the writer guarantees it); a key that shows up again later in the same shard is
+a duplicate.
+
+Every problem with a sample is a *skip with a reason* in a :class:`SampleStats` (reasons in
+``data/stats.py``); nothing is raised and nothing is dropped silently:
+
+``missing_image``, ``missing_caption``, ``bad_json`` (unparseable or not an object),
+``too_many_pixels`` (checked from the header before any pixel is decoded),
+``undecodable_image``, ``duplicate_key``, ``truncated_tar`` (the samples before the cut are
+kept, the one being assembled is counted), ``unreadable_shard`` (cannot be opened or is not
+a tar at all; counted once per shard).
+
+Counting rule: every sample group (and every shard-level failure) adds one to
+``stats.seen``; it then either adds one to ``stats.kept`` or one skip, so
+``seen == kept + total_skipped`` holds after a shard is read to the end.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from megaclass.data.shards import open_shard
+from megaclass.data.stats import SampleStats
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+CAPTION_EXTS = ("txt",)
+JSON_EXTS = ("json",)
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+@dataclass
+class Sample:
+    """One image–caption pair as read from a shard.
+
+    ``image`` is an RGB PIL image when the reader decoded it, else ``None`` (the bytes are
+    always there, and the header was already checked against the pixel limit).
+    """
+
+    key: str
+    image: Image.Image | None
+    image_bytes: bytes
+    caption: str
+    meta: dict[str, Any] = field(default_factory=dict)
+    shard: str = ""
+    image_ext: str = ""
+
+
+class ImageRejected(Exception):
+    """Internal: why an image cannot be used (a reason string from REASONS)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """``dir/000123.jpg`` → (``dir/000123``, ``jpg``); the extension is lower-cased."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1 :].lower()
+
+
+def set_pixel_guard(max_pixels: int) -> None:
+    """Make PIL refuse images over ``max_pixels`` at open time (its decompression-bomb guard).
+
+    PIL's own default (≈89 MP) would otherwise either reject images the config allows or let
+    bigger ones through to a full decode.
+    """
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Open (header only) and check the pixel count; raises :class:`ImageRejected`."""
+    if not data:
+        raise ImageRejected("undecodable_image", "empty image file")
+    set_pixel_guard(max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected("too_many_pixels", str(e)) from None
+    except Exception as e:  # PIL raises many types for garbage input
+        raise ImageRejected("undecodable_image", f"{type(e).__name__}: {e}") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageRejected("undecodable_image", f"bad size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageRejected("too_many_pixels", f"{w}x{h} > {max_pixels} pixels")
+    return img
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """RGB copy of ``img``; transparency is composited onto ``background`` (white by default)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Fully decode to RGB; raises :class:`ImageRejected` with the reason."""
+    img = open_image(data, max_pixels)
+    try:
+        img.load()
+        return to_rgb(img)
+    except Exception as e:
+        raise ImageRejected("undecodable_image", f"{type(e).__name__}: {e}") from None
+
+
+class _TailStream(io.RawIOBase):
+    """Pass-through reader that remembers the last bytes it delivered.
+
+    tarfile's stream mode ends quietly when a tar is cut at a member boundary or inside a
+    header; keeping the tail lets the reader check for the end-of-archive block itself.
+    """
+
+    def __init__(self, raw, keep: int = 1 << 16) -> None:
+        self.raw = raw
+        self.keep = keep
+        self.total = 0
+        self.chunks: list[tuple[int, bytes]] = []
+        self.kept_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+        data = self.raw.read(n)
+        if data:
+            self.chunks.append((self.total, data))
+            self.total += len(data)
+            self.kept_bytes += len(data)
+            while len(self.chunks) > 1 and self.kept_bytes - len(self.chunks[0][1]) >= self.keep:
+                self.kept_bytes -= len(self.chunks.pop(0)[1])
+        return data
+
+    def drain(self, limit: int = 1 << 20) -> None:
+        """Read to EOF (the zero padding after the last member), at most ``limit`` bytes."""
+        while limit > 0:
+            data = self.read(min(limit, 1 << 16))
+            if not data:
+                return
+            limit -= len(data)
+
+    def has_end_block(self, offset: int) -> bool:
+        """True when the 512 bytes at ``offset`` were delivered and are all zero."""
+        if self.total < offset + 512:
+            return False
+        tail = b"".join(c for _, c in self.chunks)
+        start = offset - self.chunks[0][0]
+        if start < 0:
+            return True  # not kept any more: cannot tell, trust tarfile
+        return not any(tail[start : start + 512])
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+class _Group:
+    __slots__ = ("key", "files", "dup_ext")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.files: dict[str, bytes] = {}
+        self.dup_ext = ""
+
+
+def _finish(
+    g: _Group,
+    url: str,
+    stats: SampleStats,
+    seen_keys: set[str],
+    max_pixels: int,
+    decode: bool,
+) -> Sample | None:
+    """Validate one assembled group; count a skip and return None if it is bad."""
+    stats.seen += 1
+    if g.key in seen_keys or g.dup_ext:
+        detail = "key seen earlier in the shard" if g.key in seen_keys else f"two .{g.dup_ext}"
+        stats.skip("duplicate_key", url, g.key, detail)
+        return None
+    seen_keys.add(g.key)
+    ext = next((e for e in IMAGE_EXTS if e in g.files), "")
+    if not ext:
+        stats.skip("missing_image", url, g.key, f"members: {sorted(g.files)}")
+        return None
+    meta: dict[str, Any] = {}
+    if "json" in g.files:
+        try:
+            meta = json.loads(g.files["json"].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            stats.skip("bad_json", url, g.key, str(e))
+            return None
+        if not isinstance(meta, dict):
+            stats.skip("bad_json", url, g.key, f"json is a {type(meta).__name__}, not an object")
+            return None
+    caption = ""
+    if "txt" in g.files:
+        caption = g.files["txt"].decode("utf-8", errors="replace").strip()
+    elif isinstance(meta.get("caption"), str):
+        caption = meta["caption"].strip()  # img2dataset also stores the caption in the json
+    if not caption:
+        stats.skip("missing_caption", url, g.key, "no .txt and no json caption")
+        return None
+    data = g.files[ext]
+    try:
+        image = decode_image(data, max_pixels) if decode else None
+        if not decode:
+            open_image(data, max_pixels)
+    except ImageRejected as e:
+        stats.skip(e.reason, url, g.key, e.detail)
+        return None
+    stats.kept += 1
+    return Sample(g.key, image, data, caption, meta, url, ext)
+
+
+def iter_samples(
+    url: str,
+    stats: SampleStats,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode: bool = True,
+) -> Iterator[Sample]:
+    """Yield the good samples of one shard in tar order; count every bad one in ``stats``.
+
+    With ``decode=False`` the image header is still checked (format recognised, pixel
+    limit) but pixels are not decoded, so a later full decode can still fail with
+    ``undecodable_image`` (the training loader counts that itself).
+    """
+    try:
+        stream = _TailStream(open_shard(url))
+    except Exception as e:
+        stats.seen += 1
+        stats.skip("unreadable_shard", url, None, f"{type(e).__name__}: {e}")
+        log.warning("unreadable shard %s: %s", url, e)
+        return
+    members = 0
+    group: _Group | None = None
+    seen_keys: set[str] = set()
+    try:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*", bufsize=1 << 16)
+        except Exception as e:
+            stats.seen += 1
+            stats.skip("unreadable_shard", url, None, f"not a tar: {type(e).__name__}: {e}")
+            log.warning("unreadable shard %s: %s", url, e)
+            return
+        name = ""
+        try:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                name = info.name
+                f = tar.extractfile(info)
+                data = f.read() if f is not None else b""
+                if f is not None and len(data) != info.size:
+                    raise EOFError(f"member {info.name} cut short")
+                members += 1
+                key, ext = split_key(info.name)
+                if key.rsplit("/", 1)[-1].startswith("._") or not ext:
+                    continue  # macOS resource forks and extension-less junk are not samples
+                if group is None or key != group.key:
+                    if group is not None:
+                        sample = _finish(group, url, stats, seen_keys, max_pixels, decode)
+                        if sample is not None:
+                            yield sample
+                    group = _Group(key)
+                if ext in group.files:
+                    group.dup_ext = ext
+                group.files[ext] = data
+            if getattr(tar.fileobj, "comptype", "tar") == "tar":
+                stream.drain()
+                if not stream.has_end_block(tar.offset):
+                    raise EOFError(f"no end-of-archive block at byte {tar.offset}")
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            cut_key = split_key(name)[0] if name else None
+            if group is not None and cut_key is not None and cut_key != group.key:
+                # the cut is inside the next sample's member: the pending one is whole
+                sample = _finish(group, url, stats, seen_keys, max_pixels, decode)
+                if sample is not None:
+                    yield sample
+                group = _Group(cut_key)
+            stats.seen += 1
+            where = group.key if group is not None else None
+            reason = "truncated_tar" if members else "unreadable_shard"
+            stats.skip(reason, url, where, f"after {members} members: {type(e).__name__}: {e}")
+            log.warning("%s in %s after %d members: %s", reason, url, members, e)
+            return
+        if group is not None:
+            sample = _finish(group, url, stats, seen_keys, max_pixels, decode)
+            if sample is not None:
+                yield sample
+    finally:
+        try:
+            stream.close()
+        except Exception as e:  # a failing pipe: command reports here
+            stats.skip("unreadable_shard", url, None, f"close: {e}")
+            stats.seen += 1
