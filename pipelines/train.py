@@ -1,0 +1,184 @@
+"""The train stage: ``megaclass train CONFIG [key=value …]`` and ``megaclass train reshard``.
+
+Launch any of these ways (one code path; the process group comes from the environment):
+
+    megaclass train cfg.yaml            # one process; with train.nproc=N it starts the
+                                        # deepspeed launcher with N ranks itself
+    deepspeed --num_gpus 8 --module megaclass.pipelines.train cfg.yaml
+    torchrun --nproc_per_node 8 -m megaclass.pipelines.train cfg.yaml
+    srun --ntasks-per-node 8 python -m megaclass.pipelines.train cfg.yaml
+
+Each rank runs :func:`run_train`; rank 0 exports the encoder and writes RUN/train/_SUCCESS.json.
+A signal (SIGUSR1/SIGTERM) makes every rank checkpoint and return normally (exit status 0),
+without _SUCCESS.json, so the next start resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from megaclass.data.atomic import write_json_atomic
+from megaclass.pipelines.config import ConfigError, RunConfig, dump_config, load_config
+from megaclass.pipelines.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+_LAUNCHED_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
+
+
+def _under_launcher() -> bool:
+    return any(v in os.environ for v in _LAUNCHED_VARS)
+
+
+def run_train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
+    """Train (resuming from the newest complete checkpoint), export, write _SUCCESS.json.
+
+    With ``train.nproc > 1`` and no launcher around us, starts ``deepspeed --num_gpus nproc``
+    on this module and waits for it (the ranks do the work).
+    """
+    rd = RunDir(cfg.run_dir)
+    rd.write_config(cfg, force)
+    if cfg.train.nproc > 1 and not _under_launcher():
+        return _launch_local(cfg, rd)
+
+    from megaclass.training import trainer
+
+    t0 = time.time()
+    try:
+        summary = trainer.train(cfg)
+    except Exception as e:
+        if type(e).__name__ == "LabelShaMismatchError":
+            raise SystemExit(
+                f"megaclass train: {e}\nThe label sidecars were made from different centroids "
+                "than RUN/cluster/centroids.npy: re-run `megaclass assign` (or point "
+                "assign.labels_dir at matching labels)."
+            ) from e
+        raise
+    model = summary.pop("_model")
+    summary["wall_s"] = time.time() - t0
+    summary["samples_per_s"] = summary["samples"] / max(summary["wall_s"], 1e-9)
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if not summary["interrupted"] and rank == 0:
+        summary["export"] = export_run(cfg, rd, summary, model)
+        write_json_atomic(rd.train / "_SUCCESS.json", summary)
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+def export_run(cfg: RunConfig, rd: RunDir, summary: dict[str, Any], model: Any) -> dict[str, str]:
+    """Export the trained StudentModel into RUN/export with a model card."""
+    import json
+
+    from megaclass.training.export import export_encoder
+
+    eval_numbers = None
+    mpath = rd.eval / "metrics.json"
+    if mpath.is_file():
+        eval_numbers = json.loads(mpath.read_text())
+    card = {
+        "training": {k: v for k, v in summary.items() if k != "export"},
+        "data": {"shards": cfg.data.shards, "labels": cfg.assign.labels_dir or str(rd.labels)},
+        "eval": eval_numbers,
+        "config": dump_config(cfg),
+    }
+    return export_encoder(model, rd.export, card, seed=cfg.seed)
+
+
+def _launch_local(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
+    """Start ``deepspeed --num_gpus nproc`` on this module with the resolved config."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(cfg.train.nproc),
+        "--master_port",
+        str(_free_port()),
+        "--module",
+        "megaclass.pipelines.train",
+        str(rd.config_path),
+    ]
+    log.info("launching: %s", " ".join(cmd))
+    res = subprocess.run(cmd)
+    if res.returncode != 0:
+        raise RuntimeError(f"the deepspeed launcher exited with {res.returncode}: {' '.join(cmd)}")
+    success = rd.train / "_SUCCESS.json"
+    if success.is_file():
+        import json
+
+        return json.loads(success.read_text())
+    return {"interrupted": True}
+
+
+def _free_port() -> int:
+    from megaclass.training.engine import _free_port as fp
+
+    return fp()
+
+
+def reshard_main(argv: list[str]) -> int:
+    """``megaclass train reshard RUN --world-size N [--step S]``."""
+    ap = argparse.ArgumentParser(
+        prog="megaclass train reshard",
+        description="Prepare a checkpoint for a different number of ranks: re-split the "
+        "model-parallel head and convert ZeRO state to a DeepSpeed universal checkpoint.",
+    )
+    ap.add_argument("run_dir", help="run directory (holds train/ckpt)")
+    ap.add_argument("--world-size", type=int, required=True, help="ranks of the next run")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    args = ap.parse_args(argv)
+    from megaclass.training import checkpoint as ckpt
+
+    root = RunDir(args.run_dir).ckpt
+    if args.step is None:
+        folder = ckpt.latest_complete(root)
+        if folder is None:
+            print(f"megaclass: no complete checkpoint under {root}", file=sys.stderr)
+            return 2
+    else:
+        folder = root / ckpt.step_tag(args.step)
+    try:
+        ckpt.reshard(folder, args.world_size)
+    except ckpt.CheckpointError as e:
+        print(f"megaclass: {e}", file=sys.stderr)
+        return 2
+    print(f"{folder}: ready for {args.world_size} ranks")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry for launchers: ``python -m megaclass.pipelines.train CONFIG [overrides] [--force]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["reshard"]:
+        return reshard_main(argv[1:])
+    ap = argparse.ArgumentParser(prog="megaclass.pipelines.train")
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None)  # deepspeed adds it
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(args.local_rank)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"megaclass: config error: {e}", file=sys.stderr)
+        return 2
+    run_train(cfg, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

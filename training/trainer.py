@@ -1,0 +1,507 @@
+"""The training loop: DeepSpeed backbone, model-parallel head outside the engine, exact resume.
+
+Read :func:`train` top to bottom — the whole loop is there. :func:`setup` builds everything
+(process group, model, head, engine, optimizers, loader) and restores the newest complete
+checkpoint; the helpers below the loop are small and single-purpose.
+
+Why the head is outside DeepSpeed: pfc/mlcd heads hold a different slice of the class centres
+on every rank. ``deepspeed.initialize`` broadcasts replicated parameters from rank 0 and the
+engine averages their gradients — both would silently destroy a sharded head. So the head has
+its own optimizer and LR schedule (``lr × head_lr_mult``), is stepped when the engine reaches
+a gradient-accumulation boundary, and is saved per rank. Its loss still goes through
+``engine.backward`` (which applies the loss scale and the 1/grad_accum averaging to both).
+
+Gradient scale: the pfc/mlcd loss is the mean over the *global* batch and is identical on
+every rank; each rank's backbone gradient therefore covers only its own samples, and the
+engine's all-reduce averages (÷ world size). We back-propagate ``loss × world_size`` so the
+backbone gets the true gradient of the global loss, and divide the head's gradients (which
+already are the true gradient, times world size now) back by ``world_size``. The result is
+the same update for any number of ranks (tested against a single process).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megaclass.pipelines.config import ConfigError, RunConfig
+from megaclass.pipelines.rundir import RunDir
+from megaclass.training import checkpoint as ckpt
+from megaclass.training.encoders import StudentModel, build_student
+from megaclass.training.engine import (
+    DistEnv,
+    build_ds_config,
+    init_distributed,
+    make_optimizer,
+    make_scheduler,
+    param_groups,
+)
+from megaclass.training.metrics import MetricsLogger
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+TEST_SIGNAL_ENV = "MEGACLASS_TEST_SIGNAL_AT_STEP"
+"""Tests only: rank 0 sends itself SIGTERM after this optimizer step (exercises the real handler)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimizer steps had a NaN/inf loss."""
+
+
+@dataclass
+class TrainState:
+    """Everything the loop touches; built by :func:`setup`."""
+
+    cfg: RunConfig
+    env: DistEnv
+    rundir: RunDir
+    model: StudentModel
+    engine: Any
+    head: nn.Module | None
+    head_opt: torch.optim.Optimizer | None
+    head_sched: torch.optim.lr_scheduler.LRScheduler | None
+    loader: Any
+    num_classes: int
+    dtype: torch.dtype
+    step: int = 0
+    samples: int = 0
+    bad_total: int = 0
+    resumed_from: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ======================================================================================
+# The loop
+# ======================================================================================
+
+
+def train(cfg: RunConfig, **setup_kw: Any) -> dict[str, Any]:
+    """Train to ``cfg.train.steps`` optimizer steps (resuming if a checkpoint exists).
+
+    Returns a summary dict; ``summary["interrupted"]`` is True when a signal stopped the run
+    after a checkpoint (the caller then exits 0 so that Slurm requeues it).
+    """
+    st = setup(cfg, **setup_kw)
+    tc, env, engine = cfg.train, st.env, st.engine
+    stop = _StopFlag()
+    test_signal_step = int(os.environ.get(TEST_SIGNAL_ENV, "0") or 0)
+    metrics = MetricsLogger(st.rundir.train, enabled=env.is_main, resume_step=st.step)
+    loss_factor = float(env.world_size) if st.head is not None else 1.0
+    global_batch = tc.micro_batch_size * tc.grad_accum * env.world_size
+    data_iter = iter(st.loader)
+    bad_in_row = 0
+    window = _Window()
+    pbar = _progress(tc.steps, st.step, env.is_main)
+    interrupted = False
+    last_loss = float("nan")
+
+    while st.step < tc.steps:
+        # ---- one optimizer step = grad_accum micro-batches ------------------------------
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        micro = 0
+        while micro < tc.grad_accum:
+            t0 = time.perf_counter()
+            try:
+                batch = next(data_iter)
+            except StopIteration:  # end of an epoch: the loader starts the next one
+                data_iter = iter(st.loader)
+                batch = next(data_iter)
+            window.wait += time.perf_counter() - t0
+            loss = forward_loss(st, batch)
+            # one tiny all-reduce: any rank non-finite? any rank asked to stop?
+            flags = torch.tensor([float(not torch.isfinite(loss)), float(stop.requested)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[1] > 0:
+                stop.requested = True
+            if flags[0] > 0:
+                # Drop this micro-batch without backward: nothing reaches the optimizers, and
+                # the engine's micro-step counter is untouched (DeepSpeed never saw it).
+                bad_in_row += 1
+                st.bad_total += 1
+                log.warning(
+                    "step %d: non-finite loss (%d in a row), batch skipped", st.step, bad_in_row
+                )
+                if bad_in_row >= tc.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"{bad_in_row} consecutive non-finite losses at step {st.step} "
+                        f"(train.max_bad_steps={tc.max_bad_steps}); lower train.lr "
+                        f"(now {tc.lr}), enable train.grad_clip, or use precision=fp32/bf16"
+                    )
+                continue
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.backward(loss * loss_factor)
+            if boundary and (st.step + 1) % tc.log_every == 0 and tc.zero_stage == 0:
+                st.extra["grad_norm"] = _grad_norm(st.model)  # DeepSpeed reports none at stage 0
+            if boundary and st.head is not None:
+                head_grad_prepare(st, 1.0 / loss_factor)
+            engine.step()  # steps the backbone optimizer + schedule only on the boundary
+            if boundary and st.head_opt is not None:
+                if not _engine_overflowed(engine):
+                    st.head_opt.step()
+                st.head_opt.zero_grad(set_to_none=True)
+                st.head_sched.step()
+            loss_sum += loss.detach().double()
+            micro += 1
+        bad_in_row = 0
+        st.step += 1
+        st.samples += global_batch
+        window.steps += 1
+        last_loss_t = loss_sum / tc.grad_accum
+        pbar.update(1)
+
+        # ---- metrics ---------------------------------------------------------------------
+        if st.step % tc.log_every == 0 or st.step == tc.steps:
+            last_loss = float(last_loss_t)  # the only host sync of the loss
+            rec = window.record(st, last_loss, global_batch)
+            metrics.log(rec)
+            pbar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{rec['samples_per_s']:.0f}")
+            window = _Window()
+
+        if test_signal_step and st.step == test_signal_step and env.is_main:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        # ---- checkpoint ------------------------------------------------------------------
+        if stop.requested or st.step % tc.ckpt_every == 0 or st.step == tc.steps:
+            save(st)
+        if stop.requested and st.step < tc.steps:
+            log.warning("signal received: checkpointed step %d, exiting", st.step)
+            interrupted = True
+            break
+    pbar.close()
+    metrics.close()
+    stop.restore()
+    return {
+        "steps": st.step,
+        "final_loss": last_loss,
+        "samples": st.samples,
+        "bad_steps": st.bad_total,
+        "world_size": env.world_size,
+        "interrupted": interrupted,
+        "resumed_from": st.resumed_from,
+        "global_batch": global_batch,
+        "_model": st.engine.module,
+    }
+
+
+def forward_loss(st: TrainState, batch: dict[str, Any]) -> torch.Tensor:
+    """The objective's scalar loss for one micro-batch (identical definition on every rank)."""
+    tc = st.cfg.train
+    images = batch["image"].to(st.env.device, st.dtype, non_blocking=True)
+    if tc.objective == "siglip":
+        from megaclass.training.losses import siglip_loss
+
+        tokens = st.model.text.tokenize(list(batch["text"])).to(st.env.device)
+        img, txt = st.engine(images, tokens)
+        m = st.engine.module
+        return siglip_loss(
+            F.normalize(img.float(), dim=-1),
+            F.normalize(txt.float(), dim=-1),
+            m.logit_scale.float().exp(),
+            m.logit_bias.float(),
+        )
+    emb = st.engine(images).float()
+    if tc.objective == "mlcd":
+        labels = batch["labels"][:, : tc.num_positive_labels]
+    else:
+        labels = batch["cls"]
+    return st.head(emb, labels.to(st.env.device))
+
+
+def head_grad_prepare(st: TrainState, factor: float) -> None:
+    """Undo the loss × world_size (and any fp16 loss scale) on the head's gradients, then clip
+    them by their global norm across all head shards (one all-reduce of a scalar)."""
+    scale = _engine_loss_scale(st.engine)
+    params = [p for p in st.head.parameters() if p.grad is not None]
+    for p in params:
+        p.grad.mul_(factor / scale)
+    clip = st.cfg.train.grad_clip
+    if clip > 0 and params:
+        sq = torch.stack([p.grad.float().pow(2).sum() for p in params]).sum().reshape(1)
+        dist.all_reduce(sq)
+        norm = float(sq.sqrt())
+        st.extra["head_grad_norm"] = norm
+        if math.isfinite(norm) and norm > clip:
+            for p in params:
+                p.grad.mul_(clip / (norm + 1e-6))
+
+
+# ======================================================================================
+# Setup and resume
+# ======================================================================================
+
+
+def setup(
+    cfg: RunConfig,
+    make_loader: Callable[..., Any] | None = None,
+    make_head: Callable[..., nn.Module] | None = None,
+    resume: bool = True,
+) -> TrainState:
+    """Process group, model, head, DeepSpeed engine, optimizers, loader; then resume."""
+    import deepspeed
+
+    tc = cfg.train
+    env = init_distributed()
+    rd = RunDir(cfg.run_dir)
+    _seed_all(cfg.seed)  # identical backbone init on every rank (DeepSpeed broadcasts anyway)
+    model = build_student(tc, cfg.data.image_size)
+    num_classes = 0
+    head = None
+    if tc.objective in ("pfc", "mlcd"):
+        num_classes = count_classes(cfg)
+        head = (make_head or build_head)(cfg, env, num_classes)
+    plan = ckpt.plan_resume(rd.ckpt, env.rank, env.world_size) if resume else None
+    ds_config = build_ds_config(tc, env.world_size, load_universal=bool(plan and plan.universal))
+    opt = make_optimizer(param_groups(model, tc.weight_decay), tc, tc.lr)
+    sched = make_scheduler(opt, tc)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
+    )
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision, torch.float32)
+    head_opt = head_sched = None
+    if head is not None:
+        head.to(env.device)
+        head_opt = make_optimizer(param_groups(head, tc.weight_decay), tc, tc.lr * tc.head_lr_mult)
+        head_sched = make_scheduler(head_opt, tc)
+    # per-rank streams for augmentation / sampling from here on
+    _seed_all(cfg.seed * 7919 + 1000 + env.rank)
+    loader = (make_loader or build_loader)(cfg, env, model.encoder.transform_train)
+    st = TrainState(
+        cfg, env, rd, model, engine, head, head_opt, head_sched, loader, num_classes, dtype
+    )
+    if plan is not None:
+        restore(st, plan)
+    return st
+
+
+def restore(st: TrainState, plan: ckpt.ResumePlan) -> None:
+    """Load the DeepSpeed state and this rank's head/RNG/loader state from ``plan``."""
+    path, _ = st.engine.load_checkpoint(
+        str(plan.folder.parent),
+        tag=plan.ds_tag,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    if path is None:
+        raise ckpt.CheckpointError(f"DeepSpeed could not load {plan.folder.parent / plan.ds_tag}")
+    saved = ckpt.load_head_file(plan.head_file)
+    if st.head is not None:
+        st.head.load_state_dict(saved["head"])
+        st.head_opt.load_state_dict(saved["head_opt"])
+        st.head_sched.load_state_dict(saved["head_sched"])
+        ckpt.set_generator_states(st.head, saved["head_rng"])
+    if plan.same_world:
+        ckpt.set_rng_state(saved["rng"])
+    if saved["loader"] is not None and hasattr(st.loader, "load_state_dict"):
+        st.loader.load_state_dict(saved["loader"])
+    tr = saved["trainer"]
+    st.step, st.samples, st.bad_total = tr["step"], tr["samples"], tr["bad_total"]
+    st.resumed_from = str(plan.folder)
+    if st.env.is_main:
+        log.info("resumed from %s (step %d)", plan.folder, st.step)
+
+
+def save(st: TrainState) -> Path:
+    state = ckpt.HeadState(
+        head=st.head.state_dict() if st.head is not None else None,
+        head_opt=st.head_opt.state_dict() if st.head_opt is not None else None,
+        head_sched=st.head_sched.state_dict() if st.head_sched is not None else None,
+        head_rng=ckpt.generator_states(st.head) if st.head is not None else {},
+        rng=ckpt.rng_state(),
+        loader=st.loader.state_dict() if hasattr(st.loader, "state_dict") else None,
+        trainer={"step": st.step, "samples": st.samples, "bad_total": st.bad_total},
+    )
+    info = {
+        "num_classes": st.num_classes,
+        "objective": st.cfg.train.objective,
+        "model": st.cfg.train.model,
+        "zero_stage": st.cfg.train.zero_stage,
+        "encoder_spec": st.model.encoder.spec.to_dict(),
+    }
+    return ckpt.save_checkpoint(
+        st.rundir.ckpt,
+        st.step,
+        st.engine,
+        state,
+        st.env.rank,
+        st.env.world_size,
+        info,
+        st.cfg.train.keep_last,
+    )
+
+
+# ======================================================================================
+# Building blocks: classes, head, loader
+# ======================================================================================
+
+
+def count_classes(cfg: RunConfig) -> int:
+    """Pseudo-classes = rows of RUN/cluster/centroids.npy (or cfg.cluster.centroids), else cluster.k."""
+    for p in (cfg.cluster.centroids, str(RunDir(cfg.run_dir).cluster / "centroids.npy")):
+        if p and Path(p).is_file():
+            return int(np.load(p, mmap_mode="r", allow_pickle=False).shape[0])
+    return int(cfg.cluster.k)
+
+
+def expected_centroid_sha(cfg: RunConfig) -> str | None:
+    """The sha that every label sidecar must carry (None when labels are brought by the user)."""
+    if cfg.assign.labels_dir:
+        return None
+    rd = RunDir(cfg.run_dir)
+    f = rd.cluster / "centroids.sha256"
+    if f.is_file():
+        return f.read_text().strip()
+    npy = rd.cluster / "centroids.npy"
+    if npy.is_file():
+        from megaclass.data.labels import file_sha256
+
+        return file_sha256(npy)
+    return None
+
+
+def build_head(cfg: RunConfig, env: DistEnv, num_classes: int) -> nn.Module:
+    """PartialFC over this rank's slice of the classes (pfc: one label, mlcd: top-l labels)."""
+    from megaclass.training.heads import PartialFC
+
+    tc = cfg.train
+    return PartialFC(
+        num_classes,
+        tc.embed_dim,
+        sample_rate=tc.sample_rate,
+        feature_rate=tc.feature_rate,
+        margin=tc.margin,
+        margin_m=tc.margin_m,
+        scale=tc.scale,
+        multi_label=tc.objective == "mlcd",
+        seed=cfg.seed,
+    )
+
+
+def build_loader(cfg: RunConfig, env: DistEnv, transform: Callable) -> Any:
+    """The streaming shard loader with label sidecars joined by key (megaclass.data.loader)."""
+    from megaclass.data.loader import TrainLoader
+
+    labels_dir = cfg.assign.labels_dir or str(RunDir(cfg.run_dir).labels)
+    if cfg.train.objective == "siglip" and not Path(labels_dir).is_dir():
+        labels_dir = None  # SigLIP needs captions only
+    if not cfg.data.shards:
+        raise ConfigError("data.shards: empty; the train stage needs training shards")
+    return TrainLoader(
+        cfg.data.shards,
+        labels_dir=labels_dir,
+        expected_sha=expected_centroid_sha(cfg),
+        batch_size=cfg.train.micro_batch_size,
+        transform=transform,
+        rank=env.rank,
+        world_size=env.world_size,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        resampled=cfg.data.resampled,
+        seed=cfg.seed,
+        max_pixels=cfg.data.max_image_pixels,
+    )
+
+
+# ======================================================================================
+# Small helpers
+# ======================================================================================
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _engine_loss_scale(engine: Any) -> float:
+    """The fp16 dynamic loss scale DeepSpeed multiplied into the backward (1.0 otherwise)."""
+    if not engine.fp16_enabled():
+        return 1.0
+    opt = engine.optimizer
+    for attr in ("cur_scale", "loss_scale"):
+        v = getattr(opt, attr, None)
+        if isinstance(v, (int, float)) and v > 0:
+            return float(v)
+    scaler = getattr(opt, "loss_scaler", None)
+    return float(getattr(scaler, "cur_scale", getattr(scaler, "loss_scale", 1.0)))
+
+
+def _engine_overflowed(engine: Any) -> bool:
+    return bool(getattr(engine.optimizer, "overflow", False)) if engine.fp16_enabled() else False
+
+
+def _grad_norm(model: nn.Module) -> float:
+    """2-norm of the (already all-reduced) backbone gradients, before clipping."""
+    sq = [p.grad.float().pow(2).sum() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
+
+
+class _StopFlag:
+    """SIGUSR1/SIGTERM set a flag; the loop checkpoints at the next step boundary and exits 0."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = {}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test harness thread)
+                pass
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class _Window:
+    """Timing between two metric records."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0
+    steps: int = 0
+
+    def record(self, st: TrainState, loss: float, global_batch: int) -> dict[str, Any]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        gn = st.engine.get_global_grad_norm()
+        gn = st.extra.get("grad_norm") if gn is None else gn
+        return {
+            "step": st.step,
+            "loss": loss,
+            "lr": st.engine.get_lr()[0],
+            "head_lr": st.head_opt.param_groups[0]["lr"] if st.head_opt is not None else None,
+            "samples_per_s": self.steps * global_batch / dt,
+            "data_wait_share": self.wait / dt,
+            "grad_norm": float(gn) if gn is not None else None,
+            "head_grad_norm": st.extra.get("head_grad_norm"),
+            "bad_steps": st.bad_total,
+            "samples": st.samples,
+            "time": time.time(),
+        }
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step")
+
+
+def batches_forever(loader: Any) -> Iterator[Any]:
+    """Cycle an epoch-based loader (helper for benchmarks)."""
+    while True:
+        yield from loader
