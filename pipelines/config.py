@@ -183,6 +183,10 @@ class TrainConfig:
     """Class sampling rate r of partial FC (1.0 = all classes)."""
     feature_rate: float = 1.0
     """Feature-dimension sampling rate f (Unicom's dual random selection; 1.0 = all dims)."""
+    num_subcenters: int = 1
+    """Sub-centres per class in the head (sub-center ArcFace uses 3)."""
+    head_update_unsampled: bool = False
+    """Head optimizer also decays/advances momentum of unsampled class rows (Partial FC v2); False = only sampled rows change (v1)."""
     num_positive_labels: int = 8
     """MLCD: positive labels per sample (top-l of the assignment)."""
     steps: int = 100
