@@ -225,6 +225,8 @@ class TrainConfig:
     """Train only the projection and head."""
     nproc: int = 1
     """Ranks that `megaclass run` launches the trainer with (deepspeed/torchrun launch it themselves)."""
+    launcher: str = "torchrun"
+    """How `megaclass run` starts nproc > 1 ranks on this machine: 'torchrun' (torch.distributed.run) or 'deepspeed' (the deepspeed launcher)."""
 
 
 @dataclass
@@ -243,6 +245,57 @@ class EvalConfig:
     """Images per encoder forward pass."""
     chunk_size: int = 4096
     """Query rows per similarity chunk."""
+
+
+@dataclass
+class SlurmConfig:
+    """How `megaclass slurm CONFIG --stage NAME` renders sbatch scripts (see slurm/ and README)."""
+
+    job_name: str = "megaclass"
+    """Slurm job name (#SBATCH --job-name); the stage name is appended ('megaclass-train')."""
+    partition: str | None = None
+    """#SBATCH --partition (None: the cluster's default partition)."""
+    account: str | None = None
+    """#SBATCH --account to charge (None: your default account)."""
+    qos: str | None = None
+    """#SBATCH --qos (None: the default QOS)."""
+    nodes: int = 1
+    """Nodes of the job: Ray stages run one Ray node per Slurm node; training runs tasks_per_node ranks on each."""
+    gpus_per_node: int = 8
+    """GPUs requested per node (#SBATCH --gpus-per-node); 0 requests none (CPU cluster)."""
+    tasks_per_node: int | None = None
+    """Training ranks per node (None: gpus_per_node, or 1 without GPUs). Ray stages always use one task per node."""
+    cpus_per_task: int = 8
+    """CPUs per training rank; a Ray node gets cpus_per_task x tasks_per_node CPUs."""
+    mem: str = "0"
+    """#SBATCH --mem per node ('0' = all of the node's memory, '480G', ...)."""
+    time: str = "24:00:00"
+    """#SBATCH --time wall-clock limit (D-HH:MM:SS or HH:MM:SS); training requeues itself when it is reached."""
+    output: str | None = None
+    """#SBATCH --output log path (None: RUN/slurm/%x-%j.out; appended to across requeues)."""
+    extra_sbatch: list[str] = field(default_factory=list)
+    """Further sbatch options, one per item, e.g. '--constraint=a100' or '--exclusive' ('#SBATCH ' is added)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before anything else on the batch node and in every task, e.g.
+    'module load cuda/12.4' or 'source /path/to/venv/bin/activate'."""
+    megaclass: str = "megaclass"
+    """The command that runs megaclass on the nodes (e.g. 'python -m megaclass.pipelines.cli')."""
+    signal_seconds: int = 120
+    """Training: Slurm sends USR1 this many seconds before the time limit (--signal=B:USR1@N); the
+    trainer must write a checkpoint in that time, then the job requeues itself."""
+    requeue: bool = True
+    """Training: #SBATCH --requeue and requeue on USR1; False lets the job end at its time limit."""
+    ray_port_base: int = 40000
+    """Ray head ports = ray_port_base + 10 x (SLURM_JOB_ID mod 1500) + {0: GCS, 1: dashboard, 2: client
+    server}; other Ray ports are chosen free by Ray, so two jobs sharing a node never collide."""
+    ray_temp_root: str = "/tmp"
+    """Node-local folder holding the job's Ray temp dir (ROOT/ray-$SLURM_JOB_ID); keep it short
+    (Ray's unix socket paths must stay under 107 bytes)."""
+    ray_start_timeout: int = 300
+    """Seconds to wait for all Ray nodes to join before the job fails."""
+    ray_auth_token: bool = True
+    """Start the Ray cluster with token authentication; the job-specific token file is written
+    (mode 600) into RUN/slurm/, which must be on a file system every node sees."""
 
 
 @dataclass
@@ -267,6 +320,8 @@ class RunConfig:
     """Train stage."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Eval stage."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """Sbatch script rendering (`megaclass slurm`)."""
 
 
 # Allowed values for string fields, checked on load so mistakes fail early with the key name.
@@ -288,6 +343,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     ),
     "train.optimizer": ("adamw", "sgd"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.launcher": ("torchrun", "deepspeed"),
 }
 
 
