@@ -36,6 +36,12 @@ def encode_image(image: Image.Image, ext: str = "jpg", quality: int = 90) -> byt
     return buf.getvalue()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class ShardWriter:
     """Write samples into numbered tar shards under ``out_dir``.
 
@@ -166,6 +172,7 @@ class ShardWriter:
         with open(self._tmp, "rb+") as f:
             os.fsync(f.fileno())
         final = self.shard_path(self.index)
+        os.chmod(self._tmp, 0o666 & ~_umask())  # mkstemp makes 0600; shards are shared data
         os.replace(self._tmp, final)
         self.shards.append(str(final))
         self._tar = None
