@@ -68,8 +68,10 @@ def allocate(pop: np.ndarray, k: int) -> np.ndarray:
     return alloc
 
 
-def _cluster_group(x: np.ndarray, k: int, niter: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Centroids of one group and the sizes of its (local) clusters."""
+def _cluster_group(
+    x: np.ndarray, k: int, niter: int, seed: int, sizes: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids of one group and (with ``sizes``, one more pass) the sizes of its clusters."""
     import faiss
 
     n, d = x.shape
@@ -91,6 +93,8 @@ def _cluster_group(x: np.ndarray, k: int, niter: int, seed: int) -> tuple[np.nda
         )
         km.train(x)
         c = km.centroids.astype(np.float32)
+    if not sizes:
+        return c, np.full(k, -1, dtype=np.int64)
     _, lab = faiss_flat_search(c, x)
     return c, np.bincount(lab, minlength=k).astype(np.int64)
 
@@ -105,14 +109,20 @@ def faiss_flat_search(c: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def _run_batch(
-    xs: np.ndarray, offsets: np.ndarray, alloc: np.ndarray, groups: list[int], niter: int, seed: int
+    xs: np.ndarray,
+    offsets: np.ndarray,
+    alloc: np.ndarray,
+    groups: list[int],
+    niter: int,
+    seed: int,
+    sizes: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     cs, sizes = [], []
     for g in groups:
         if alloc[g] == 0:
             continue
         c, h = _cluster_group(
-            xs[offsets[g] : offsets[g + 1]], int(alloc[g]), niter, seed * 1_000_003 + g
+            xs[offsets[g] : offsets[g + 1]], int(alloc[g]), niter, seed * 1_000_003 + g, sizes
         )
         cs.append(c)
         sizes.append(h)
@@ -122,11 +132,11 @@ def _run_batch(
     return np.concatenate(cs), np.concatenate(sizes)
 
 
-def _ray_batch(xs, offsets, alloc, groups, niter, seed):  # noqa: ANN001, ANN202 (Ray task body)
+def _ray_batch(xs, offsets, alloc, groups, niter, seed, sizes):  # noqa: ANN001, ANN202 (Ray task)
     import faiss
 
     faiss.omp_set_num_threads(1)
-    return _run_batch(xs, offsets, alloc, groups, niter, seed)
+    return _run_batch(xs, offsets, alloc, groups, niter, seed, sizes)
 
 
 def _save_batch(path: Path, c: np.ndarray, h: np.ndarray) -> None:
@@ -159,7 +169,17 @@ def train_hierarchical(
     m = min(n, coarse_k * MAX_POINTS_PER_CENTROID)
     sub = x if m == n else x[np.sort(rng.choice(n, size=m, replace=False))]
     init = init_centroids(sub, coarse_k, params.seed)
-    fp = data_fingerprint(x, "hier", k, coarse_k, params.seed, coarse_niter, sub_niter)
+    fp = data_fingerprint(
+        x,
+        "hier",
+        k,
+        coarse_k,
+        params.seed,
+        coarse_niter,
+        sub_niter,
+        params.group_batch,
+        params.group_sizes,
+    )
     coarse_res = run_iterations(
         faiss_iterate(sub, coarse_k),
         init,
@@ -195,6 +215,7 @@ def train_hierarchical(
             if got is not None:
                 results[b] = got
     todo = [b for b in range(len(batches)) if b not in results]
+    gs = params.group_sizes
     bar = tqdm(
         total=len(batches), initial=len(results), desc="sub-clusters", leave=False, mininterval=2
     )
@@ -213,7 +234,7 @@ def train_hierarchical(
         task = ray.remote(num_cpus=1)(_ray_batch)
         xref, oref, aref = ray.put(xs), ray.put(offsets), ray.put(alloc)
         pending = {
-            task.remote(xref, oref, aref, batches[b], sub_niter, params.seed): b for b in todo
+            task.remote(xref, oref, aref, batches[b], sub_niter, params.seed, gs): b for b in todo
         }
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -230,7 +251,7 @@ def train_hierarchical(
             with ThreadPoolExecutor(workers) as pool:
                 futs = {
                     pool.submit(
-                        _run_batch, xs, offsets, alloc, batches[b], sub_niter, params.seed
+                        _run_batch, xs, offsets, alloc, batches[b], sub_niter, params.seed, gs
                     ): b
                     for b in todo
                 }
@@ -248,14 +269,16 @@ def train_hierarchical(
         "coarse_k": coarse_k,
         "coarse": coarse,
         "group_offsets": np.concatenate([[0], np.cumsum(alloc)]),
-        "two_level_sizes": sizes,
-        "empty_after_two_levels": int((sizes == 0).sum()),
+        "group_batches": len(batches),
         "seconds_coarse": t1 - t0,
         "seconds_group_assign": t2 - t1,
         "seconds_sub": t3 - t2,
         "group_population_max": int(pop.max()),
         "group_population_min": int(pop.min()),
     }
+    if params.group_sizes:
+        extra["two_level_sizes"] = sizes
+        extra["empty_after_two_levels"] = int((sizes == 0).sum())
     del xs
     # Optional flat refinement (each iteration is a full n×k pass: expensive at k = 10^6 on CPU).
     if params.refine_niter > 0:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from megaclass.clustering.fault import maybe_die
 from megaclass.clustering.lloyd import assign_reduce, update_centroids
 from megaclass.clustering.state import KMeansState, load_latest, rng_from_state, save_state
 from tqdm import tqdm
@@ -50,6 +51,8 @@ class KMeansParams:
     sub_niter: int | None = None
     """Hierarchical: iterations inside each group (None: niter)."""
     refine_niter: int = 0
+    group_sizes: bool = False
+    """Hierarchical: one more pass per group to report the two-level cluster sizes."""
     """Hierarchical: flat refinement iterations after the two levels."""
     group_batch: int = 64
     hier_parallel: str = "ray"
@@ -69,13 +72,35 @@ class KMeansResult:
 Iterate = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, float, int]]
 
 
+# k-means++ seeding up to this k (it costs k passes over a subsample); random rows above.
+KMEANSPP_MAX_K = 1024
+
+
 def init_centroids(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """k distinct sample rows chosen with ``seed`` (normalised)."""
+    """Seeded initial centroids: k-means++ (on a subsample of ≤ 64·k rows) for k ≤ 1024,
+    k distinct random rows for larger k, where k-means++ would cost more than the clustering."""
     if k > len(x):
         raise ValueError(f"k={k} centroids need at least k points, got {len(x)}")
     rng = np.random.default_rng([seed, 1])
-    idx = np.sort(rng.choice(len(x), size=k, replace=False))
-    c = x[idx].astype(np.float32)
+    if k > KMEANSPP_MAX_K:
+        idx = np.sort(rng.choice(len(x), size=k, replace=False))
+        c = x[idx].astype(np.float32)
+        return c / np.linalg.norm(c, axis=1, keepdims=True)
+    m = min(len(x), 64 * k)
+    sub = x if m == len(x) else x[np.sort(rng.choice(len(x), size=m, replace=False))]
+    sub = np.ascontiguousarray(sub, dtype=np.float32)
+    chosen = [int(rng.integers(m))]
+    d2 = np.maximum(2.0 - 2.0 * (sub @ sub[chosen[0]]), 0.0).astype(np.float64)
+    for _ in range(1, k):
+        total = d2.sum()
+        if total <= 0:  # fewer distinct points than k: take unused rows in order
+            j = int(np.flatnonzero(~np.isin(np.arange(m), chosen))[0])
+        else:
+            j = int(np.searchsorted(np.cumsum(d2), rng.random() * total, side="right"))
+            j = min(j, m - 1)
+        chosen.append(j)
+        d2 = np.minimum(d2, np.maximum(2.0 - 2.0 * (sub @ sub[j]), 0.0))
+    c = sub[chosen].astype(np.float32)
     return c / np.linalg.norm(c, axis=1, keepdims=True)
 
 
@@ -117,6 +142,7 @@ def run_iterations(
         )
         if state_dir is not None:
             save_state(state_dir, st, fingerprint)
+            maybe_die("kmeans_iter", it + 1)
         bar.update(1)
         bar.set_postfix(obj=f"{obj:.4g}", reseeded=nre)
     bar.close()

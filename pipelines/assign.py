@@ -1,0 +1,231 @@
+"""The assign stage: top-k nearest centroids of every sample, one label sidecar per shard.
+
+Ray Data runs a pool of actors; each loads ``RUN/cluster/centroids.npy`` once (and builds the
+HNSW graph or tree once), then handles whole stems: it streams the stem's embedding rows in
+chunks of ``assign.batch_size`` from the memory-mapped arrays, finds the top-k centroids
+(exact chunked matmul, HNSW, or the hierarchical tree), and writes ``RUN/labels/<stem>.parquet``
+(atomically, with the centroid sha in the file metadata) and then
+``RUN/labels/_done/<stem>.json``. A stem whose done record matches the current centroids and
+settings is skipped, so a killed run resumes per shard and ends with identical files. The
+summary (label histogram, low-score share) goes to ``RUN/labels/_SUCCESS.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+from megaclass.clustering.fault import maybe_die
+from megaclass.clustering.stats import size_stats
+from megaclass.data.atomic import write_json_atomic
+from megaclass.data.embeddings import fuse, list_stems, metadata_path, open_array, read_keys
+from megaclass.data.labels import file_sha256, label_path, write_labels
+from megaclass.pipelines.cluster import embed_dir_of, ensure_ray
+from megaclass.pipelines.config import RunConfig
+from megaclass.pipelines.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def _settings(cfg: RunConfig, sha: str) -> dict[str, Any]:
+    """What a label file depends on besides the embeddings; a done record must match it."""
+    a = cfg.assign
+    s: dict[str, Any] = {
+        "centroid_sha256": sha,
+        "topk": a.topk,
+        "method": a.method,
+        "feature": cfg.cluster.feature,
+    }
+    if a.method == "tree":
+        s["nprobe"] = a.nprobe
+    if a.method == "hnsw":
+        s.update(hnsw_m=a.hnsw_m, ef_search=a.ef_search)
+    return s
+
+
+def load_tree(cluster_dir: Path, k: int):  # noqa: ANN201
+    """The hierarchical backend's tree if the cluster stage left one for these centroids."""
+    from megaclass.clustering.search import Tree
+
+    cp, op = cluster_dir / "tree_coarse.npy", cluster_dir / "tree_offsets.npy"
+    if not (cp.exists() and op.exists()):
+        return None
+    offsets = np.load(op, allow_pickle=False).astype(np.int64)
+    if offsets[-1] != k:
+        return None
+    return Tree(np.load(cp, allow_pickle=False).astype(np.float32), offsets)
+
+
+class AssignActor:
+    """Ray Data callable class: centroids and search index are built once per actor."""
+
+    def __init__(self, cfg: RunConfig, centroid_path: str, sha: str, embed_dir: str) -> None:
+        import torch
+        from megaclass.clustering.search import CentroidSearcher
+
+        a = cfg.assign
+        torch.set_num_threads(max(1, int(a.num_cpus_per_actor)))
+        c = np.load(centroid_path, allow_pickle=False).astype(np.float32)
+        tree = load_tree(Path(centroid_path).parent, len(c)) if a.method == "tree" else None
+        self.searcher = CentroidSearcher(
+            c,
+            a.method,
+            chunk_size=cfg.cluster.chunk_size,
+            hnsw_m=a.hnsw_m,
+            ef_search=a.ef_search,
+            tree=tree,
+            nprobe=a.nprobe,
+            seed=cfg.cluster.seed,
+        )
+        self.cfg, self.sha, self.embed_dir = cfg, sha, Path(embed_dir)
+        self.out = RunDir(cfg.run_dir).labels
+        self.settings = _settings(cfg, sha)
+
+    def assign_stem(self, stem: str) -> dict[str, Any]:
+        a = self.cfg.assign
+        t0 = time.perf_counter()
+        keys = read_keys(self.embed_dir, stem)
+        img = open_array(self.embed_dir, stem, "img_emb")
+        txt = open_array(self.embed_dir, stem, "text_emb")
+        n = len(keys)
+        labels = np.empty((n, a.topk), dtype=np.int64)
+        scores = np.empty((n, a.topk), dtype=np.float32)
+        where = f"{self.embed_dir}/*/{stem}"
+        for r0 in range(0, n, a.batch_size):
+            r1 = min(n, r0 + a.batch_size)
+            x = fuse(
+                None if img is None else img[r0:r1],
+                None if txt is None else txt[r0:r1],
+                self.cfg.cluster.feature,
+                where,
+                r0,
+            )
+            labels[r0:r1], scores[r0:r1] = self.searcher.search(x, a.topk)
+        write_labels(label_path(self.out, stem), keys, labels, scores, self.sha)
+        low = int((scores[:, 0] < a.low_score_threshold).sum()) if n else 0
+        rec = dict(self.settings, rows=n, low_score=low, seconds=time.perf_counter() - t0)
+        RunDir.write_done(self.out, stem, rec)
+        return rec
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        recs = [self.assign_stem(str(s)) for s in batch["stem"]]
+        return {
+            "stem": np.array([str(s) for s in batch["stem"]]),
+            "rows": np.array([r["rows"] for r in recs], dtype=np.int64),
+        }
+
+
+def _is_done(out: Path, stem: str, settings: dict, rows: int) -> bool:
+    rec = RunDir.read_done(out, stem)
+    if rec is None or not label_path(out, stem).exists():
+        return False
+    return all(rec.get(k) == v for k, v in settings.items()) and rec.get("rows") == rows
+
+
+def summarise(out: Path, stems: list[str], k: int, threshold: float) -> dict[str, Any]:
+    """Label histogram (streamed from the sidecars' ``cls`` column) and low-score share."""
+    hist = np.zeros(k, dtype=np.int64)
+    rows = low = 0
+    for stem in stems:
+        cls = pq.read_table(label_path(out, stem), columns=["cls"]).column("cls").to_numpy()
+        hist += np.bincount(cls, minlength=k)[:k]
+        rec = RunDir.read_done(out, stem) or {}
+        rows += int(rec.get("rows", len(cls)))
+        low += int(rec.get("low_score", 0))
+    return {
+        "rows": rows,
+        "label_histogram": size_stats(hist),
+        "low_score_threshold": threshold,
+        "low_score_rows": low,
+        "low_score_share": low / max(1, rows),
+    }
+
+
+def run_assign(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
+    rd = RunDir(cfg.run_dir)
+    rd.write_config(cfg, force)
+    out = rd.labels
+    a = cfg.assign
+    t0 = time.perf_counter()
+    cpath = rd.cluster / "centroids.npy"
+    if not cpath.exists():
+        raise FileNotFoundError(f"{cpath}: no centroids; run the cluster stage first")
+    sha = file_sha256(cpath)
+    sha_file = rd.cluster / "centroids.sha256"
+    if sha_file.exists() and sha_file.read_text().strip() != sha:
+        raise ValueError(f"{cpath}: sha256 {sha} differs from {sha_file}; the file changed")
+    k = int(np.load(cpath, mmap_mode="r").shape[0])
+    if a.topk > k:
+        raise ValueError(f"assign.topk = {a.topk} exceeds the number of centroids {k}")
+    embed_dir = embed_dir_of(cfg)
+    stems = list_stems(embed_dir)
+    settings = _settings(cfg, sha)
+    todo = []
+    for stem in stems:
+        n = pq.ParquetFile(metadata_path(embed_dir, stem)).metadata.num_rows
+        if force or not _is_done(out, stem, settings, n):
+            todo.append(stem)
+    log.info(
+        "assign: %d of %d stems to do (k=%d, %s, top-%d)",
+        len(todo),
+        len(stems),
+        k,
+        a.method,
+        a.topk,
+    )
+    rows_done = 0
+    if todo:
+        import ray
+
+        (out / "_SUCCESS.json").unlink(missing_ok=True)  # incomplete until the end
+        ensure_ray(cfg)
+        ds = ray.data.from_items([{"stem": s} for s in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            AssignActor,
+            batch_size=1,
+            concurrency=a.concurrency,
+            num_cpus=a.num_cpus_per_actor,
+            fn_constructor_kwargs={
+                "cfg": cfg,
+                "centroid_path": str(cpath),
+                "sha": sha,
+                "embed_dir": str(embed_dir),
+            },
+        )
+        from tqdm import tqdm
+
+        with tqdm(total=len(todo), desc="assign", unit="shard", mininterval=2) as bar:
+            for i, row in enumerate(ds.iter_rows(), start=1):
+                rows_done += int(row["rows"])
+                bar.update(1)
+                maybe_die("assign_shards", i)
+    seconds = time.perf_counter() - t0
+    summary = {
+        "k": k,
+        "topk": a.topk,
+        "method": a.method,
+        "centroid_sha256": sha,
+        "stems": len(stems),
+        "stems_assigned_this_run": len(todo),
+        "rows_assigned_this_run": rows_done,
+        "seconds": seconds,
+        "rows_per_second": rows_done / seconds if seconds > 0 else None,
+    }
+    summary.update(summarise(out, stems, k, a.low_score_threshold))
+    write_json_atomic(out / "_SUCCESS.json", summary)
+    log.info(
+        "assign: %d rows, %.0f rows/s this run, low-score share %.3f",
+        summary["rows"],
+        summary["rows_per_second"] or 0,
+        summary["low_score_share"],
+    )
+    return summary
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((RunDir(run_dir).labels / "_SUCCESS.json").read_text())
