@@ -12,11 +12,10 @@ a gradient-accumulation boundary, and is saved per rank. Its loss still goes thr
 ``engine.backward`` (which applies the loss scale and the 1/grad_accum averaging to both).
 
 Gradient scale: the pfc/mlcd loss is the mean over the *global* batch and is identical on
-every rank; each rank's backbone gradient therefore covers only its own samples, and the
-engine's all-reduce averages (÷ world size). We back-propagate ``loss × world_size`` so the
-backbone gets the true gradient of the global loss, and divide the head's gradients (which
-already are the true gradient, times world size now) back by ``world_size``. The result is
-the same update for any number of ranks (tested against a single process).
+every rank. The head's all-gather multiplies each rank's embedding gradient by the world size
+(``PartialFC(grad_average=True)``), so the engine's averaging all-reduce yields exactly the
+gradient of the global loss for the backbone, and the head's shards get the exact gradient of
+their rows. The result is the same update for any number of ranks.
 """
 
 from __future__ import annotations
@@ -99,7 +98,6 @@ def train(cfg: RunConfig, **setup_kw: Any) -> dict[str, Any]:
     stop = _StopFlag()
     test_signal_step = int(os.environ.get(TEST_SIGNAL_ENV, "0") or 0)
     metrics = MetricsLogger(st.rundir.train, enabled=env.is_main, resume_step=st.step)
-    loss_factor = float(env.world_size) if st.head is not None else 1.0
     global_batch = tc.micro_batch_size * tc.grad_accum * env.world_size
     data_iter = iter(st.loader)
     bad_in_row = 0
@@ -122,7 +120,9 @@ def train(cfg: RunConfig, **setup_kw: Any) -> dict[str, Any]:
             window.wait += time.perf_counter() - t0
             loss = forward_loss(st, batch)
             # one tiny all-reduce: any rank non-finite? any rank asked to stop?
-            flags = torch.tensor([float(not torch.isfinite(loss)), float(stop.requested)])
+            flags = torch.stack(
+                [(~torch.isfinite(loss.detach())).float(), loss.new_tensor(float(stop.requested))]
+            ).float()
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             if flags[1] > 0:
                 stop.requested = True
@@ -142,11 +142,11 @@ def train(cfg: RunConfig, **setup_kw: Any) -> dict[str, Any]:
                     )
                 continue
             boundary = engine.is_gradient_accumulation_boundary()
-            engine.backward(loss * loss_factor)
+            engine.backward(loss)
             if boundary and (st.step + 1) % tc.log_every == 0 and tc.zero_stage == 0:
                 st.extra["grad_norm"] = _grad_norm(st.model)  # DeepSpeed reports none at stage 0
             if boundary and st.head is not None:
-                head_grad_prepare(st, 1.0 / loss_factor)
+                head_grad_prepare(st)
             engine.step()  # steps the backbone optimizer + schedule only on the boundary
             if boundary and st.head_opt is not None:
                 if not _engine_overflowed(engine):
@@ -220,16 +220,20 @@ def forward_loss(st: TrainState, batch: dict[str, Any]) -> torch.Tensor:
     return st.head(emb, labels.to(st.env.device))
 
 
-def head_grad_prepare(st: TrainState, factor: float) -> None:
-    """Undo the loss × world_size (and any fp16 loss scale) on the head's gradients, then clip
-    them by their global norm across all head shards (one all-reduce of a scalar)."""
+def head_grad_prepare(st: TrainState) -> None:
+    """Undo DeepSpeed's fp16 loss scale on the head's gradients (the engine does it only for its
+    own), then clip them by their global norm over all head shards (one scalar all-reduce)."""
     scale = _engine_loss_scale(st.engine)
     params = [p for p in st.head.parameters() if p.grad is not None]
-    for p in params:
-        p.grad.mul_(factor / scale)
+    if scale != 1.0:
+        for p in params:
+            p.grad.mul_(1.0 / scale)
     clip = st.cfg.train.grad_clip
     if clip > 0 and params:
-        sq = torch.stack([p.grad.float().pow(2).sum() for p in params]).sum().reshape(1)
+        sq = torch.zeros(1, dtype=torch.float64, device=st.env.device)
+        for p in params:
+            g = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+            sq += g.double().pow(2).sum()
         dist.all_reduce(sq)
         norm = float(sq.sqrt())
         st.extra["head_grad_norm"] = norm
@@ -382,8 +386,9 @@ def build_head(cfg: RunConfig, env: DistEnv, num_classes: int) -> nn.Module:
         sample_rate=tc.sample_rate,
         feature_rate=tc.feature_rate,
         margin=tc.margin,
-        margin_m=tc.margin_m,
+        m=tc.margin_m,
         scale=tc.scale,
+        num_subcenters=tc.num_subcenters,
         multi_label=tc.objective == "mlcd",
         seed=cfg.seed,
     )
