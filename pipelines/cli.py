@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     _stage_parser(sub, "embed", "teacher features for every sample (Ray Data)")
     _stage_parser(sub, "cluster", "spherical k-means into pseudo-classes")
     _stage_parser(sub, "assign", "top-k pseudo-labels for every sample (Ray Data)")
-    _stage_parser(sub, "train", "train the student (DeepSpeed)")
+    _stage_parser(
+        sub, "train", "train the student (DeepSpeed); `train reshard RUN --world-size N` too"
+    )
     _stage_parser(sub, "eval", "retrieval on held-out classes")
 
     r = sub.add_parser("report", help="rebuild report.json/md/html from a run directory")
@@ -80,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:2] == ["train", "reshard"]:  # `megaclass train reshard RUN --world-size N`
+        return int(_load_entry("megaclass.pipelines.train:reshard_main")(raw[2:]))
+    args = build_parser().parse_args(raw)
     try:
         if args.cmd == "config-help":
             print(config_help())
