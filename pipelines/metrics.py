@@ -1,0 +1,304 @@
+"""Retrieval metrics on unit vectors: Recall@K and mAP@R (SOP protocol), kNN accuracy, compact features.
+
+The eval stage embeds a labelled image set and hands the features and class labels here, so
+everything in this module is a pure function of ``(features, labels)`` and testable without a
+model.
+
+Protocol (Stanford Online Products, as in Unicom's and Musgrave et al.'s evaluations)
+--------------------------------------------------------------------------------------
+* Every item is a query; the gallery is every *other* item (the query itself is excluded).
+* Similarity is the cosine: rows are L2-normalised here, then compared by dot product.
+* **Ties** between gallery items with exactly the same similarity are broken by the lower
+  gallery index (row order of the input), so results are deterministic and independent of
+  the chunk size or the device.
+* **Recall@K**: share of queries with at least one same-class item among their K nearest.
+* **mAP@R**: for a query with R other items of its class, the mean over the R ranks i ≤ R of
+  precision@i · rel(i) (Musgrave, Belongie & Lim, "A Metric Learning Reality Check", 2020).
+* **kNN accuracy** (leave-one-out on the same set): the majority class among the k nearest
+  neighbours; a tie in votes goes to the class with the larger summed similarity, and a tie in
+  that to the class of the nearest neighbour among the tied classes.
+* **Classes with one member** have no correct answer: such queries are *excluded* from every
+  metric (they would cap Recall at < 1 for any encoder) and counted in
+  ``excluded_singletons``; they stay in the gallery as distractors for the other queries.
+
+Memory: similarities are computed block by block (``chunk_size`` query rows × ``chunk_size``
+gallery rows, ~12 bytes per pair) with a running top-k, never the full n × n matrix. On a
+machine with CUDA the blocks run on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+_LOW32 = (1 << 32) - 1
+
+
+class MetricsError(ValueError):
+    """Unusable features or labels for retrieval metrics (the message says which row/field)."""
+
+
+# --------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """'auto'/None → CUDA when present, else CPU; anything else is passed to torch.device."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Unit rows in float32; zero or non-finite rows are an error (their cosine is undefined)."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise MetricsError(f"features must be a 2-D array (n, d), got shape {x.shape}")
+    x = x.astype(np.float32, copy=False)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise MetricsError(f"feature row {int(np.flatnonzero(bad)[0])} is not finite")
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    if (norms == 0).any():
+        raise MetricsError(f"feature row {int(np.flatnonzero(norms == 0)[0])} has zero norm")
+    return (x / norms[:, None]).astype(np.float32)
+
+
+def compact_features(x: np.ndarray, d: int) -> np.ndarray:
+    """The first ``d`` dimensions of every row, renormalised (Unicom's compact features)."""
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise MetricsError(f"features must be a 2-D array (n, d), got shape {x.shape}")
+    if not isinstance(d, (int, np.integer)) or d < 1:
+        raise MetricsError(f"compact dimension must be a positive integer, got {d!r}")
+    if d > x.shape[1]:
+        raise MetricsError(
+            f"compact dimension {d} is larger than the feature size {x.shape[1]}; "
+            f"choose eval.compact_dims <= {x.shape[1]}"
+        )
+    return l2_normalize(x[:, :d])
+
+
+def encode_labels(labels: Sequence[Hashable]) -> tuple[np.ndarray, list[Hashable]]:
+    """Class labels (any hashables) → int64 ids in order of first appearance, and the names."""
+    mapping: dict[Hashable, int] = {}
+    ids = np.empty(len(labels), dtype=np.int64)
+    for i, lab in enumerate(labels):
+        if lab is None or (isinstance(lab, float) and lab != lab):
+            raise MetricsError(f"label of row {i} is missing (None/NaN)")
+        ids[i] = mapping.setdefault(lab, len(mapping))
+    return ids, list(mapping)
+
+
+# --------------------------------------------------------------------------------------
+# chunked nearest neighbours with deterministic ties
+# --------------------------------------------------------------------------------------
+
+
+def _sort_keys(sims: torch.Tensor, gallery_idx: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order (similarity desc, gallery index asc) by plain integer order.
+
+    The float32 similarity becomes an order-preserving int32 (flip the magnitude bits of
+    negatives) in the high half; ``2^32-1-index`` fills the low half, so the larger key is the
+    more similar item and, on an exact tie, the one with the lower index.
+    """
+    bits = (sims + 0.0).contiguous().view(torch.int32)  # + 0.0 folds -0.0 into +0.0
+    mono = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    return mono * (1 << 32) + (_LOW32 - gallery_idx)
+
+
+def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    hi = torch.div(keys, 1 << 32, rounding_mode="floor")
+    idx = _LOW32 - (keys - hi * (1 << 32))
+    mono = hi.to(torch.int32)
+    bits = torch.where(mono < 0, mono ^ 0x7FFFFFFF, mono)
+    return idx, bits.view(torch.float32)
+
+
+def iter_topk(
+    x: torch.Tensor, k: int, chunk_size: int = 4096
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """For consecutive query blocks of the unit rows ``x``: ``(start, idx (q,k), sims (q,k))``.
+
+    The neighbours of row i are the other rows (i itself is excluded), sorted by similarity
+    descending, ties by lower index. ``k`` must be ≤ n - 1. Peak memory per block is about
+    ``chunk_size² · 12`` bytes plus ``q · k · 16`` for the running top-k; the query block
+    shrinks when k is large so the two stay within the same bound.
+    """
+    n = x.shape[0]
+    if not 1 <= k <= n - 1:
+        raise MetricsError(f"k={k} neighbours requested but the gallery has {n - 1} items")
+    if chunk_size < 1:
+        raise MetricsError(f"chunk_size must be >= 1, got {chunk_size}")
+    dev = x.device
+    q_rows = max(1, min(chunk_size, chunk_size * chunk_size // (chunk_size + 2 * k)))
+    for s in range(0, n, q_rows):
+        e = min(n, s + q_rows)
+        q = x[s:e]
+        rows = torch.arange(e - s, device=dev)
+        best: torch.Tensor | None = None
+        for g0 in range(0, n, chunk_size):
+            g1 = min(n, g0 + chunk_size)
+            sims = q @ x[g0:g1].T
+            # exclude self: query row s+r sits at gallery column s+r-g0 when inside this block
+            cols = rows + (s - g0)
+            inside = (cols >= 0) & (cols < g1 - g0)
+            if inside.any():
+                sims[rows[inside], cols[inside]] = float("-inf")
+            keys = _sort_keys(sims, torch.arange(g0, g1, device=dev, dtype=torch.int64))
+            top = torch.topk(keys, min(k, g1 - g0), dim=1, sorted=False).values
+            if best is not None:
+                top = torch.cat([best, top], dim=1)
+            best = torch.topk(top, min(k, top.shape[1]), dim=1, sorted=True).values
+        assert best is not None
+        idx, sims = _decode_keys(best)
+        yield s, idx, sims
+
+
+def topk_neighbors(
+    x: np.ndarray,
+    k: int,
+    chunk_size: int = 4096,
+    device: str | torch.device | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (n, k) int64 and cosines (n, k) float32 of every row's k nearest other rows."""
+    xt = torch.from_numpy(l2_normalize(x)).to(resolve_device(device))
+    idx_parts, sim_parts = [], []
+    for _, idx, sims in iter_topk(xt, k, chunk_size):
+        idx_parts.append(idx.cpu().numpy())
+        sim_parts.append(sims.cpu().numpy())
+    return np.concatenate(idx_parts), np.concatenate(sim_parts)
+
+
+# --------------------------------------------------------------------------------------
+# metrics
+# --------------------------------------------------------------------------------------
+
+
+def _knn_votes(nb_labels: torch.Tensor, nb_sims: torch.Tensor) -> torch.Tensor:
+    """Predicted class per row: most votes, then larger summed similarity, then nearest."""
+    eq = nb_labels[:, :, None] == nb_labels[:, None, :]  # (q, k, k): same class as position j
+    votes = eq.sum(-1)
+    simsum = (eq * nb_sims.double()[:, None, :]).sum(-1)
+    top_votes = votes == votes.max(dim=1, keepdim=True).values
+    simsum = torch.where(top_votes, simsum, torch.full_like(simsum, float("-inf")))
+    winner = simsum == simsum.max(dim=1, keepdim=True).values
+    first = winner.to(torch.int8).argmax(dim=1)  # first True = nearest among the tied
+    return nb_labels.gather(1, first[:, None])[:, 0]
+
+
+def retrieval_metrics(
+    x: np.ndarray,
+    labels: Sequence[Hashable] | np.ndarray,
+    recall_ks: Sequence[int] = (1, 2, 4, 8),
+    knn_k: int = 10,
+    chunk_size: int = 4096,
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """Recall@K, mAP@R and kNN accuracy of features ``x`` (n, d) with class ``labels`` (n,).
+
+    Returns a flat dict: ``recall@K`` for each K, ``map@r``, ``knn_acc`` (with ``knn_k`` used),
+    and the counts ``n``, ``dim``, ``classes``, ``queries``, ``excluded_singletons``. Metric
+    values are None when no class has two members. K and k larger than the gallery (n - 1)
+    are clamped to it (``recall@K`` keeps the requested K as its key).
+    """
+    t0 = time.perf_counter()
+    xn = l2_normalize(x)
+    n, d = xn.shape
+    if len(labels) != n:
+        raise MetricsError(f"{n} feature rows but {len(labels)} labels")
+    if n < 2:
+        raise MetricsError(f"retrieval needs at least 2 items, got {n}")
+    if not recall_ks or any(int(k) < 1 for k in recall_ks):
+        raise MetricsError(f"recall_ks must be positive integers, got {list(recall_ks)}")
+    if knn_k < 1:
+        raise MetricsError(f"knn_k must be >= 1, got {knn_k}")
+    ids, names = encode_labels(list(labels))
+    counts = np.bincount(ids)
+    r_all = counts[ids] - 1  # other items of the same class
+    valid_np = r_all >= 1
+    ks = sorted({int(k) for k in recall_ks})
+    k_knn = min(knn_k, n - 1)
+    k_max = min(n - 1, max(max(ks), k_knn, int(r_all.max())))
+
+    dev = resolve_device(device)
+    xt = torch.from_numpy(xn).to(dev)
+    y = torch.from_numpy(ids).to(dev)
+    r_t = torch.from_numpy(r_all).to(dev)
+    hits = {k: 0 for k in ks}
+    ap_sum = 0.0
+    knn_hits = 0
+    pos = torch.arange(1, k_max + 1, device=dev, dtype=torch.float64)
+    for s, idx, sims in iter_topk(xt, k_max, chunk_size):
+        e = s + idx.shape[0]
+        yq = y[s:e]
+        valid = r_t[s:e] >= 1
+        same = y[idx] == yq[:, None]
+        for k in ks:
+            hits[k] += int((same[:, : min(k, k_max)].any(dim=1) & valid).sum())
+        r = r_t[s:e].clamp(min=1)
+        rel = same & (pos[None, :] <= r[:, None])
+        prec = rel.cumsum(dim=1).double() / pos[None, :]
+        ap = (prec * rel).sum(dim=1) / r.double()
+        ap_sum += float(ap[valid].sum())
+        pred = _knn_votes(y[idx[:, :k_knn]], sims[:, :k_knn])
+        knn_hits += int(((pred == yq) & valid).sum())
+
+    q = int(valid_np.sum())
+    out: dict[str, Any] = {
+        "n": int(n),
+        "dim": int(d),
+        "classes": len(names),
+        "queries": q,
+        "excluded_singletons": int(n - q),
+    }
+    for k in ks:
+        out[f"recall@{k}"] = hits[k] / q if q else None
+    out["map@r"] = ap_sum / q if q else None
+    out["knn_acc"] = knn_hits / q if q else None
+    out["knn_k"] = int(k_knn)
+    out["seconds"] = round(time.perf_counter() - t0, 4)
+    if not q:
+        log.warning("retrieval metrics: no class has two members; every metric is None")
+    return out
+
+
+def evaluate_features(
+    x: np.ndarray,
+    labels: Sequence[Hashable] | np.ndarray,
+    recall_ks: Sequence[int] = (1, 2, 4, 8),
+    knn_k: int = 10,
+    compact_dims: Sequence[int] = (),
+    chunk_size: int = 4096,
+    device: str | torch.device | None = None,
+    skip_oversized: bool = False,
+) -> dict[str, Any]:
+    """Metrics on the full features and on the first d dimensions for each d in ``compact_dims``.
+
+    Returns ``{"full": metrics, "compact": {"<d>": metrics, …}, "compact_skipped": {…}}``.
+    A d larger than the feature size raises :class:`MetricsError`, unless ``skip_oversized``
+    (the eval stage compares encoders of different widths), which records it under
+    ``compact_skipped`` with the reason instead.
+    """
+    x = np.asarray(x)
+    out: dict[str, Any] = {
+        "full": retrieval_metrics(x, labels, recall_ks, knn_k, chunk_size, device),
+        "compact": {},
+        "compact_skipped": {},
+    }
+    for d in sorted({int(v) for v in compact_dims}):
+        if skip_oversized and d > x.shape[1]:
+            out["compact_skipped"][str(d)] = f"larger than the feature size {x.shape[1]}"
+            continue
+        out["compact"][str(d)] = retrieval_metrics(
+            compact_features(x, d), labels, recall_ks, knn_k, chunk_size, device
+        )
+    return out
