@@ -276,10 +276,11 @@ class SlurmConfig:
     extra_sbatch: list[str] = field(default_factory=list)
     """Further sbatch options, one per item, e.g. '--constraint=a100' or '--exclusive' ('#SBATCH ' is added)."""
     setup: list[str] = field(default_factory=list)
-    """Shell lines run before anything else on the batch node and in every task, e.g.
-    'module load cuda/12.4' or 'source /path/to/venv/bin/activate'."""
-    megaclass: str = "megaclass"
-    """The command that runs megaclass on the nodes (e.g. 'python -m megaclass.pipelines.cli')."""
+    """Shell lines run first in the batch shell, e.g. 'module load cuda/12.4' or
+    'source /path/to/venv/bin/activate'; srun tasks inherit the environment they set up."""
+    python: str = "python"
+    """Python interpreter on the nodes that has megaclass and ray installed (after slurm.setup);
+    the scripts run `PYTHON -m megaclass.pipelines.…` and `PYTHON -m ray.scripts.scripts start`."""
     signal_seconds: int = 120
     """Training: Slurm sends USR1 this many seconds before the time limit (--signal=B:USR1@N); the
     trainer must write a checkpoint in that time, then the job requeues itself."""

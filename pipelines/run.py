@@ -1,0 +1,175 @@
+"""``megaclass run CONFIG``: embed → cluster → assign → train → eval → report, resumable.
+
+Why this is thin: every stage already resumes its own partial work (per-shard ``_done``
+records, per-iteration k-means state, training checkpoints) and writes
+``<stage folder>/_SUCCESS.json`` last. So the orchestrator only has to decide, per stage,
+whether to skip it (complete, or replaced by bring-your-own inputs) or to call it, in order.
+A run killed at any moment and started again therefore ends with the same files.
+
+Bring your own inputs:
+- ``embed.embeddings_dir``: embeddings in LAION's layout → embed is skipped; cluster and assign
+  read that folder.
+- ``cluster.centroids``: a k×d ``.npy`` → no k-means; the cluster stage imports the file into
+  ``RUN/cluster`` (centroids.npy + sha256, stats, _SUCCESS.json).
+- ``assign.labels_dir``: label sidecars → embed, cluster and assign are all skipped (training
+  needs only shards + labels); the trainer reads the labels from there.
+
+Training with ``train.nproc > 1`` is launched by the train stage itself as a subprocess
+(``train.launcher``: torchrun or the deepspeed launcher); a local Ray instance started by
+the Ray stages is shut down first so that the ranks get the CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from megaclass.pipelines.config import ConfigError, RunConfig, load_config
+from megaclass.pipelines.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+PIPELINE = ("embed", "cluster", "assign", "train", "eval", "report")
+ENTRYPOINTS = {
+    "embed": "megaclass.pipelines.embed:run_embed",
+    "cluster": "megaclass.pipelines.cluster:run_cluster",
+    "assign": "megaclass.pipelines.assign:run_assign",
+    "train": "megaclass.pipelines.train:run_train",
+    "eval": "megaclass.pipelines.eval:run_eval",
+    "report": "megaclass.pipelines.report:build_report",
+}
+
+
+@dataclass
+class StagePlan:
+    """What :func:`run_pipeline` will do with one stage, and why."""
+
+    stage: str
+    action: str  # "run" | "skip"
+    reason: str
+
+
+def success_path(cfg: RunConfig, stage: str):
+    """The file whose presence marks ``stage`` complete (None for the report: always rebuilt)."""
+    rd = RunDir(cfg.run_dir)
+    folder = {
+        "embed": rd.embed,
+        "cluster": rd.cluster,
+        "assign": rd.labels,
+        "train": rd.train,
+        "eval": rd.eval,
+    }.get(stage)
+    return None if folder is None else folder / "_SUCCESS.json"
+
+
+def plan(cfg: RunConfig, stages: tuple[str, ...] | list[str] = PIPELINE) -> list[StagePlan]:
+    """Decide for each requested stage whether it runs or is skipped (and why), in order."""
+    unknown = [s for s in stages if s not in PIPELINE]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage(s) {unknown} (valid: {', '.join(PIPELINE)})")
+    out: list[StagePlan] = []
+    for stage in PIPELINE:
+        if stage not in stages:
+            continue
+        done = success_path(cfg, stage)
+        if stage in ("embed", "cluster", "assign") and cfg.assign.labels_dir:
+            out.append(StagePlan(stage, "skip", f"assign.labels_dir={cfg.assign.labels_dir}"))
+        elif stage == "embed" and cfg.embed.embeddings_dir:
+            out.append(StagePlan(stage, "skip", f"embed.embeddings_dir={cfg.embed.embeddings_dir}"))
+        elif done is not None and done.is_file():
+            out.append(StagePlan(stage, "skip", f"complete ({done})"))
+        elif stage == "cluster" and cfg.cluster.centroids:
+            out.append(StagePlan(stage, "run", f"import cluster.centroids={cfg.cluster.centroids}"))
+        else:
+            out.append(
+                StagePlan(
+                    stage, "run", "report is always rebuilt" if done is None else "not complete"
+                )
+            )
+    return out
+
+
+def _entry(stage: str) -> Any:
+    mod, fn = ENTRYPOINTS[stage].split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def _shutdown_local_ray() -> None:
+    """Free the CPUs of a Ray instance the Ray stages started in this process."""
+    if "ray" not in sys.modules:
+        return
+    import ray
+
+    if ray.is_initialized():
+        log.info("run: shutting down Ray before training")
+        ray.shutdown()
+
+
+def run_pipeline(
+    cfg: RunConfig, force: bool = False, stages: tuple[str, ...] | list[str] = PIPELINE
+) -> dict[str, Any]:
+    """Run the requested stages in order, skipping complete or bring-your-own ones.
+
+    Returns ``{"stages": {stage: {"action", "reason", "seconds", "summary"}}, "interrupted": bool}``.
+    A training run stopped by SIGUSR1/SIGTERM (checkpointed, no _SUCCESS.json) ends the
+    pipeline early with ``interrupted`` True; run it again to resume.
+    """
+    RunDir(cfg.run_dir).write_config(cfg, force)
+    result: dict[str, Any] = {"run_dir": str(cfg.run_dir), "stages": {}, "interrupted": False}
+    t_all = time.time()
+    for p in plan(cfg, stages):
+        rec: dict[str, Any] = {"action": p.action, "reason": p.reason}
+        result["stages"][p.stage] = rec
+        if p.action == "skip":
+            log.info("run: %-7s skipped: %s", p.stage, p.reason)
+            continue
+        log.info("run: %-7s starting (%s)", p.stage, p.reason)
+        t0 = time.time()
+        if p.stage == "train":
+            _shutdown_local_ray()
+        if p.stage == "report":
+            summary = _entry("report")(cfg.run_dir)
+        else:
+            summary = _entry(p.stage)(cfg, force=force)
+        rec["seconds"] = round(time.time() - t0, 3)
+        rec["summary"] = summary
+        log.info("run: %-7s finished in %.1f s", p.stage, rec["seconds"])
+        if p.stage == "train" and isinstance(summary, dict) and summary.get("interrupted"):
+            log.warning("run: training was interrupted after a checkpoint; run again to resume")
+            result["interrupted"] = True
+            break
+        done = success_path(cfg, p.stage)
+        if done is not None and not done.is_file():
+            raise RuntimeError(f"stage {p.stage} returned without writing {done}")
+    result["seconds"] = round(time.time() - t_all, 3)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megaclass.pipelines.run CONFIG [k=v …] [--stages a,b] [--force]`` (used by slurm/)."""
+    ap = argparse.ArgumentParser(prog="python -m megaclass.pipelines.run")
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--stages", default=",".join(PIPELINE), help="comma-separated subset, in order")
+    ap.add_argument("--force", action="store_true", help="resume even if the config changed")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = load_config(args.config, args.overrides)
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        run_pipeline(cfg, force=args.force, stages=stages)
+    except ConfigError as e:
+        print(f"megaclass run: config error: {e}", file=sys.stderr)
+        return 2
+    return 0  # an interrupted (checkpointed) training also exits 0, like the trainer
+
+
+if __name__ == "__main__":
+    sys.exit(main())
