@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # faiss's own ceiling: more points per centroid than this add time, not quality.
 MAX_POINTS_PER_CENTROID = 256
+# Groups asking for at most this many sub-centroids are seeded with k-means++.
+SMALL_GROUP_KPP = 64
 
 
 def allocate(pop: np.ndarray, k: int) -> np.ndarray:
@@ -91,7 +93,9 @@ def _cluster_group(
             max_points_per_centroid=MAX_POINTS_PER_CENTROID,
             verbose=False,
         )
-        km.train(x)
+        # k-means++ seeding where it is cheap (small k per group); faiss's random rows otherwise
+        init = init_centroids(x, k, seed) if k <= SMALL_GROUP_KPP else None
+        km.train(x, init_centroids=init)
         c = km.centroids.astype(np.float32)
     if not sizes:
         return c, np.full(k, -1, dtype=np.int64)
