@@ -234,7 +234,9 @@ class EvalConfig:
     """Retrieval evaluation on held-out classes (the eval stage)."""
 
     encoders: list[str] = field(default_factory=lambda: ["teacher", "student"])
-    """Encoders to evaluate: 'teacher', 'student' (latest checkpoint/export), or a path to an exported encoder."""
+    """Encoders to evaluate: 'teacher', 'student' (export, else newest complete checkpoint),
+    'open_clip:<model>[@<pretrained tag or file>]', or a path to an exported encoder / run
+    directory; prefix 'label=' to name a column (e.g. 'base=/runs/a/export')."""
     recall_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     """K values of Recall@K."""
     knn_k: int = 10
@@ -244,7 +246,9 @@ class EvalConfig:
     batch_size: int = 64
     """Images per encoder forward pass."""
     chunk_size: int = 4096
-    """Query rows per similarity chunk."""
+    """Rows per similarity block (query and gallery): memory stays near chunk_size² x 12 bytes, never n x n."""
+    device: str = "auto"
+    """Where embedding and similarity run: 'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1'…"""
 
 
 @dataclass
