@@ -147,8 +147,59 @@ def _chunk_row(url: str, stem: str, idx: int, items: list[dict], pixels: list) -
         "meta": json.dumps(meta, ensure_ascii=False),
         "stats": "",
         "error": "",
+        "retryable": True,
+        "read_attempts": 1,
         "decode_s": 0.0,
     }
+
+
+def _decode_once(
+    url: str, stem: str, spec: TeacherSpec, max_pixels: int, class_field: str
+) -> Iterator[dict[str, Any]]:
+    """One read of a shard: its chunks in order, the last one with the stats; raises on failure."""
+    from megaclass.data.reader import iter_samples
+
+    stats = SampleStats()
+    t_busy = 0.0
+    t0 = time.perf_counter()
+    idx = 0
+    items: list[dict] = []
+    pixels: list = []
+    transform = _transform_for(spec)
+    for s in iter_samples(url, stats, max_pixels=max_pixels):
+        try:
+            x = transform(s.image)
+        except Exception as e:  # an image PIL opened but the transform cannot use
+            stats.skip("undecodable_image", url, s.key, f"transform: {type(e).__name__}: {e}")
+            stats.kept -= 1
+            continue
+        cls = s.meta.get(class_field) if isinstance(s.meta, dict) else None
+        items.append(
+            {
+                "key": s.key,
+                "caption": s.caption,
+                "class": None if cls is None else str(cls),
+                "json": json.dumps(s.meta, ensure_ascii=False),
+            }
+        )
+        pixels.append(x)
+        if len(items) == spec.batch_size:
+            out = _chunk_row(url, stem, idx, items, pixels)
+            t_busy += time.perf_counter() - t0
+            yield out
+            t0 = time.perf_counter()
+            idx, items, pixels = idx + 1, [], []
+    failures = {r: n for r, n in stats.skipped.items() if r in SHARD_FAILURE_REASONS}
+    if failures:
+        detail = "; ".join(
+            ex["detail"] for ex in stats.examples if ex["reason"] in SHARD_FAILURE_REASONS
+        )
+        raise OSError(f"{url}: unreadable ({detail or failures})")
+    out = _chunk_row(url, stem, idx, items, pixels)
+    out["final"] = True
+    out["stats"] = json.dumps(stats.as_dict())
+    out["decode_s"] = t_busy + time.perf_counter() - t0
+    yield out
 
 
 def decode_shard(
@@ -156,68 +207,40 @@ def decode_shard(
     spec: TeacherSpec,
     max_pixels: int,
     class_field: str,
+    max_attempts: int = 1,
 ) -> Iterator[dict[str, Any]]:
     """Read one shard in tar order and yield its chunks; the last one carries the shard's stats.
 
-    Never raises: an unexpected error (or an unreadable shard) ends the shard with an error row,
-    which the driver treats as a failed attempt.
+    Never raises. A read that fails before its first chunk (a shard that cannot be opened, a
+    ``pipe:`` that dies at once) is retried right here, with a short backoff, up to
+    ``max_attempts`` reads; a failure after chunks went out ends the shard with an error row
+    marked ``retryable`` so that the driver re-reads it in a later pass.
     """
     import torch
 
     torch.set_num_threads(1)
-    from megaclass.data.reader import iter_samples
-
     url, stem = str(row["url"]), str(row["stem"])
-    stats = SampleStats()
-    t_busy = 0.0
-    t0 = time.perf_counter()
-    idx = 0
-    items: list[dict] = []
-    pixels: list = []
-    try:
-        transform = _transform_for(spec)
-        for s in iter_samples(url, stats, max_pixels=max_pixels):
-            try:
-                x = transform(s.image)
-            except Exception as e:  # an image PIL opened but the transform cannot use
-                stats.skip("undecodable_image", url, s.key, f"transform: {type(e).__name__}: {e}")
-                stats.kept -= 1
-                continue
-            cls = s.meta.get(class_field) if isinstance(s.meta, dict) else None
-            items.append(
-                {
-                    "key": s.key,
-                    "caption": s.caption,
-                    "class": None if cls is None else str(cls),
-                    "json": json.dumps(s.meta, ensure_ascii=False),
-                }
-            )
-            pixels.append(x)
-            if len(items) == spec.batch_size:
-                out = _chunk_row(url, stem, idx, items, pixels)
-                t_busy += time.perf_counter() - t0
+    for attempt in range(1, max_attempts + 1):
+        emitted = False
+        try:
+            for out in _decode_once(url, stem, spec, max_pixels, class_field):
+                emitted = True
+                out["read_attempts"] = attempt
                 yield out
-                t0 = time.perf_counter()
-                idx, items, pixels = idx + 1, [], []
-        failures = {r: n for r, n in stats.skipped.items() if r in SHARD_FAILURE_REASONS}
-        if failures:
-            detail = "; ".join(
-                ex["detail"] for ex in stats.examples if ex["reason"] in SHARD_FAILURE_REASONS
-            )
-            raise OSError(f"{url}: unreadable ({detail or failures})")
-        out = _chunk_row(url, stem, idx, items, pixels)
-        out["final"] = True
-        out["stats"] = json.dumps(stats.as_dict())
-        t_busy += time.perf_counter() - t0
-        out["decode_s"] = t_busy
-        yield out
-    except Exception as e:
-        err = _chunk_row(url, stem, idx, [], [])
-        err["final"] = True
-        err["error"] = f"decode: {type(e).__name__}: {e}"
-        err["stats"] = json.dumps(stats.as_dict())
-        logger.debug("decode of %s failed:\n%s", url, traceback.format_exc())
-        yield err
+            return
+        except Exception as e:
+            logger.debug("decode of %s failed:\n%s", url, traceback.format_exc())
+            if emitted or attempt == max_attempts:
+                err = _chunk_row(url, stem, 0, [], [])
+                err.update(
+                    final=True,
+                    error=f"decode: {type(e).__name__}: {e}",
+                    retryable=emitted,
+                    read_attempts=attempt,
+                )
+                yield err
+                return
+            time.sleep(min(0.2 * 2 ** (attempt - 1), 5.0))
 
 
 # --------------------------------------------------------------------------------------
@@ -292,6 +315,7 @@ class _Pending:
     n_chunks: int | None = None
     final: dict[str, Any] | None = None
     error: str = ""
+    exhausted: bool = False  # the decode task already spent every read attempt
     first_seen: float = 0.0
 
     def complete(self) -> bool:
@@ -362,6 +386,7 @@ def write_shard(
         "stats": stats.as_dict(),
         "skipped": dict(stats.skipped),
         "attempt": attempt,
+        "read_attempts": int(p.final.get("read_attempts", 1)),
         "timing": {
             "decode_s": round(float(p.final.get("decode_s", 0.0)), 4),
             "encode_s": round(sum(float(c.get("encode_s", 0.0)) for c in chunks), 4),
@@ -420,6 +445,7 @@ def _build_dataset(cfg: RunConfig, spec: TeacherSpec, shards: list[tuple[str, st
             "spec": spec,
             "max_pixels": cfg.data.max_image_pixels,
             "class_field": cfg.data.class_field,
+            "max_attempts": e.max_retries + 1,
         },
         num_cpus=e.num_cpus_per_decoder,
     )
@@ -448,8 +474,12 @@ def _run_pass(
     attempt: int,
     bar: Any,
     totals: dict[str, float],
-) -> dict[str, str]:
-    """One Ray Data execution over ``todo``; writes finished shards, returns {stem: error} of the rest."""
+) -> dict[str, tuple[str, bool]]:
+    """One Ray Data execution over ``todo``; writes finished shards.
+
+    Returns ``{stem: (error, exhausted)}`` for the shards that did not finish; ``exhausted``
+    means the decode task already retried the read and another pass would not help.
+    """
     from ray.data import DataContext
 
     pending = {stem: _Pending(url, stem) for url, stem in todo}
@@ -468,6 +498,7 @@ def _run_pass(
                 p.first_seen = time.perf_counter()
             if row["error"]:
                 p.error = p.error or str(row["error"])
+                p.exhausted = p.exhausted or not bool(row["retryable"])
             else:
                 p.chunks[int(row["chunk"])] = row
                 totals["samples"] += int(row["n"])
@@ -489,9 +520,9 @@ def _run_pass(
         ctx.max_errored_blocks, ctx.enable_progress_bars = saved
     out = {}
     for stem, p in pending.items():
-        out[stem] = p.error or (
-            f"incomplete: {len(p.chunks)} of {p.n_chunks if p.n_chunks is not None else '?'} chunks arrived"
-        )
+        n = p.n_chunks if p.n_chunks is not None else "?"
+        err = p.error or f"incomplete: {len(p.chunks)} of {n} chunks arrived"
+        out[stem] = (err, p.exhausted)
     return out
 
 
@@ -596,14 +627,19 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             totals["t0"] = time.perf_counter()
             remaining = todo
             for attempt in range(1, cfg.embed.max_retries + 2):
-                failed = _run_pass(
+                result = _run_pass(
                     cfg, spec, embed_dir, remaining, signatures, attempt, bar, totals
                 )
-                if not failed:
+                for stem, (err, _) in result.items():
+                    failed[stem] = err
+                    logger.warning("embed: %s failed (pass %d): %s", stem, attempt, err)
+                for _, stem in remaining:  # this pass's shards that made it
+                    if stem not in result:
+                        failed.pop(stem, None)
+                retry = {s for s, (_, exhausted) in result.items() if not exhausted}
+                remaining = [(u, s) for u, s in remaining if s in retry]
+                if not remaining:
                     break
-                for stem, err in failed.items():
-                    logger.warning("embed: %s failed (attempt %d): %s", stem, attempt, err)
-                remaining = [(u, s) for u, s in remaining if s in failed]
         finally:
             bar.close()
             if started:
@@ -641,10 +677,16 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     }
     if failed:
         write_json_atomic(embed_dir / "_FAILED.json", summary)
-        raise EmbedError(
+        msg = (
             f"embed: {len(failed)} shard(s) failed after {cfg.embed.max_retries + 1} attempts: "
             + "; ".join(f"{stems[s]}: {err}" for s, err in sorted(failed.items()))
-            + f" (details in {embed_dir / '_FAILED.json'}; the other shards are written)"
+        )
+        if cfg.embed.allow_failed_shards:
+            logger.warning("%s (embed.allow_failed_shards: finishing without them)", msg)
+            write_json_atomic(embed_dir / "_SUCCESS.json", summary)
+            return summary
+        raise EmbedError(
+            msg + f" (details in {embed_dir / '_FAILED.json'}; the other shards are written)"
         )
     (embed_dir / "_FAILED.json").unlink(missing_ok=True)
     write_json_atomic(embed_dir / "_SUCCESS.json", summary)

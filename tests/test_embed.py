@@ -1,0 +1,353 @@
+"""The embed stage on a real local Ray (2 CPUs): equality with a plain single-process loop,
+exact bad-sample counts, restart skipping, per-shard retries and failure reports, bring-your-own
+embeddings, the real offline teachers, and a SIGKILLed driver that resumes to identical files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from megaclass.data.reader import iter_samples
+from megaclass.data.shards import shard_stem
+from megaclass.data.stats import SampleStats
+from megaclass.data.writer import ShardWriter
+from megaclass.pipelines.config import DataConfig, EmbedConfig, RayConfig, RunConfig, load_config
+from megaclass.pipelines.embed import EmbedError, run_embed
+from megaclass.pipelines.rundir import RunDir
+from megaclass.training.teachers import load_teacher
+from PIL import Image
+
+TINY = "open_clip:megaclass-tiny"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray with 2 CPUs for the whole module (run_embed joins it and leaves it up)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def make_shards(out: Path, sizes: list[int], seed: int = 0, prefix: str = "") -> list[str]:
+    """Shards of small random RGB JPEGs of varying sizes, with captions and a class field."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for si, n in enumerate(sizes):
+        with ShardWriter(out, prefix=prefix, maxcount=max(n, 1), start_index=si) as w:
+            for i in range(n):
+                h, wd = int(rng.integers(16, 48)), int(rng.integers(16, 48))
+                img = Image.fromarray(rng.integers(0, 256, (h, wd, 3), dtype=np.uint8))
+                key = f"s{si}_{i:04d}"
+                w.write(
+                    key,
+                    img,
+                    f"picture {si} {i} {'red' if i % 2 else 'blue'}",
+                    {"class": f"c{i % 3}", "i": i},
+                )
+        paths.extend(w.shards)
+    return paths
+
+
+def plain_loop(urls, image_teacher, text_teacher, batch_size, max_pixels, image_size=None):
+    """The reference: one process, the same teacher, shard by shard in tar order."""
+    torch.set_num_threads(1)
+    t = load_teacher(image_teacher, text_teacher, image_size=image_size)
+    out = {}
+    for url in urls:
+        stats = SampleStats()
+        samples = list(iter_samples(url, stats, max_pixels=max_pixels))
+        imgs, txts = [], []
+        for i in range(0, len(samples), batch_size):
+            part = samples[i : i + batch_size]
+            imgs.append(t.encode_images(torch.stack([t.image_transform(s.image) for s in part])))
+            if text_teacher != "none":
+                txts.append(t.encode_texts([s.caption for s in part]))
+        out[shard_stem(url)] = {
+            "keys": [s.key for s in samples],
+            "captions": [s.caption for s in samples],
+            "img": np.concatenate(imgs) if imgs else np.zeros((0, t.image_dim), np.float32),
+            "txt": (
+                np.concatenate(txts)
+                if txts
+                else (np.zeros((0, t.text_dim), np.float32) if t.has_text else None)
+            ),
+            "stats": stats,
+        }
+    return out
+
+
+def read_stem(embed_dir: Path, stem: str):
+    img = np.load(embed_dir / "img_emb" / f"{stem}.npy", allow_pickle=False)
+    p = embed_dir / "text_emb" / f"{stem}.npy"
+    txt = np.load(p, allow_pickle=False) if p.exists() else None
+    meta = pq.read_table(embed_dir / "metadata" / f"{stem}.parquet").to_pydict()
+    return img, txt, meta
+
+
+def cfg_for(run_dir, shards, **embed):
+    e = dict(image_teacher=TINY, text_teacher=TINY, batch_size=4, max_retries=1)
+    e.update(embed)
+    return RunConfig(
+        run_dir=str(run_dir),
+        data=DataConfig(shards="::".join(shards), max_image_pixels=100_000),
+        ray=RayConfig(num_cpus=2),
+        embed=EmbedConfig(**e),
+    )
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def test_ray_equals_plain_loop_with_exact_skip_counts(
+    local_ray, tmp_path, corrupt_shards, data_helpers
+):
+    good = make_shards(tmp_path / "shards", [13, 9])
+    empty = data_helpers.raw_tar(tmp_path / "shards" / "empty.tar", [])  # a valid tar, no samples
+    corrupt, truncated = corrupt_shards["shards"][0], corrupt_shards["shards"][1]
+    shards = good + [str(empty), corrupt, truncated]
+    cfg = cfg_for(tmp_path / "run", shards)
+    summary = run_embed(cfg)
+
+    embed_dir = RunDir(cfg.run_dir).embed
+    ref = plain_loop(shards, TINY, TINY, 4, corrupt_shards["max_pixels"])
+    expected_keys = {
+        shard_stem(u): k for u, k in zip(corrupt_shards["shards"], corrupt_shards["good_keys"])
+    }
+    for url in shards:
+        stem = shard_stem(url)
+        img, txt, meta = read_stem(embed_dir, stem)
+        r = ref[stem]
+        assert meta["key"] == r["keys"]  # same samples, tar order
+        if stem in expected_keys:
+            assert meta["key"] == expected_keys[stem]
+        assert meta["caption"] == r["captions"]
+        assert meta["shard"] == [url] * len(r["keys"])
+        assert img.dtype == np.float16 and txt.dtype == np.float16
+        assert img.shape == r["img"].shape and txt.shape == r["txt"].shape
+        np.testing.assert_allclose(img.astype(np.float32), r["img"], atol=2e-3)
+        np.testing.assert_allclose(txt.astype(np.float32), r["txt"], atol=2e-3)
+        if len(img):
+            np.testing.assert_allclose(np.linalg.norm(img.astype(np.float32), axis=1), 1, atol=3e-3)
+        done = RunDir.read_done(embed_dir, stem)
+        assert done["rows"] == len(r["keys"])
+        assert done["skipped"] == dict(r["stats"].skipped)  # counts exact, per shard
+        assert done["stats"]["seen"] == done["rows"] + sum(done["skipped"].values())
+
+    # good shards: class and json columns carried through
+    _, _, meta = read_stem(embed_dir, shard_stem(good[0]))
+    assert meta["class"][:4] == ["c0", "c1", "c2", "c0"]
+    assert json.loads(meta["json"][1]) == {"class": "c1", "i": 1}
+
+    # the corrupt shard's counts, against the fixture's independent expectation
+    corrupt_done = RunDir.read_done(embed_dir, shard_stem(corrupt))
+    expect = {
+        k: v
+        for k, v in corrupt_shards["skipped"].items()
+        if k not in ("truncated_tar", "unreadable_shard")
+    }
+    assert corrupt_done["skipped"] == expect
+    assert RunDir.read_done(embed_dir, shard_stem(truncated))["skipped"] == {"truncated_tar": 1}
+
+    # the stage summary adds them up
+    success = json.loads((embed_dir / "_SUCCESS.json").read_text())
+    assert success == json.loads(json.dumps(summary))
+    assert success["rows"] == 13 + 9 + 0 + len(expected_keys[shard_stem(corrupt)]) + 3
+    total = dict(expect)
+    total["truncated_tar"] = 1
+    assert success["skipped"] == total
+    assert success["image_dim"] == 32 and success["text_dim"] == 32
+    assert success["shards_embedded"] == 5 and success["shards_failed"] == 0
+
+    # a restart finds every shard done and rewrites nothing
+    stamps = {p: p.stat().st_mtime_ns for p in embed_dir.rglob("*.npy")}
+    again = run_embed(cfg)
+    assert again["shards_done_before"] == 5 and again["shards_embedded"] == 0
+    assert {p: p.stat().st_mtime_ns for p in embed_dir.rglob("*.npy")} == stamps
+
+    # a changed input shard is embedded again
+    os.utime(good[1], ns=(time.time_ns(), time.time_ns()))
+    third = run_embed(cfg)
+    assert third["shards_done_before"] == 4 and third["shards_embedded"] == 1
+
+
+def test_failing_shards_are_retried_then_reported(local_ray, tmp_path, corrupt_shards):
+    good = make_shards(tmp_path / "shards", [6], seed=3)
+    # fails to open once, then works (a flaky network read): retried inside the decode task
+    f1, f2 = tmp_path / "flaky1.flag", tmp_path / "flaky2.flag"
+    flaky_open = f"pipe:if [ -e {f1} ]; then cat {good[0]}; else touch {f1}; exit 3; fi # a.tar"
+    # streams the whole shard, then fails once: chunks already went out, so the driver
+    # discards them and re-reads the shard in a second pass
+    flaky_late = f"pipe:cat {good[0]}; if [ ! -e {f2} ]; then touch {f2}; exit 4; fi # b.tar"
+    garbage = corrupt_shards["shards"][3]  # not a tar at all: fails every time
+    shards = [good[0], flaky_open, flaky_late, garbage]
+    cfg = cfg_for(tmp_path / "run", shards, text_teacher="none", max_retries=2)
+    embed_dir = RunDir(cfg.run_dir).embed
+    with pytest.raises(EmbedError, match="garbage-000003.tar"):
+        run_embed(cfg)
+    done = {s: RunDir.read_done(embed_dir, s) for s in ("000000", "a", "b")}
+    assert (done["000000"]["attempt"], done["000000"]["read_attempts"]) == (1, 1)
+    assert (done["a"]["attempt"], done["a"]["read_attempts"]) == (1, 2)
+    assert (done["b"]["attempt"], done["b"]["read_attempts"]) == (2, 1)
+    assert RunDir.read_done(embed_dir, shard_stem(garbage)) is None
+    failed = json.loads((embed_dir / "_FAILED.json").read_text())
+    assert list(failed["failed"]) == [garbage] and "unreadable" in failed["failed"][garbage]
+    assert not (embed_dir / "_SUCCESS.json").exists()
+    assert not (embed_dir / "text_emb").exists()  # no text teacher, no text files
+    img0, _, meta0 = read_stem(embed_dir, "000000")
+    for stem in ("a", "b"):  # the same tar through a pipe: the same rows and vectors
+        img, _, meta = read_stem(embed_dir, stem)
+        np.testing.assert_array_equal(img, img0)
+        assert meta["key"] == meta0["key"] and done[stem]["rows"] == 6
+
+    # allowed failures: the stage finishes, lists the shard, and did not redo the others
+    cfg.embed.allow_failed_shards = True
+    s = run_embed(cfg, force=True)
+    assert list(s["failed"]) == [garbage] and s["shards_done_before"] == 3
+    assert (embed_dir / "_SUCCESS.json").exists()
+
+
+def test_bring_your_own_embeddings(tmp_path):
+    import pyarrow as pa
+    from megaclass.data.embeddings import EmbeddingsError
+
+    byo = tmp_path / "laion"
+    (byo / "img_emb").mkdir(parents=True)
+    (byo / "metadata").mkdir()
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float16)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.save(byo / "img_emb" / "img_emb_0.npy", x)
+    pq.write_table(
+        pa.table({"key": [f"k{i}" for i in range(5)]}), byo / "metadata" / "metadata_0.parquet"
+    )
+    cfg = cfg_for(tmp_path / "run", ["/nonexistent/{0..3}.tar"], embeddings_dir=str(byo))
+    s = run_embed(cfg)
+    success = json.loads((RunDir(cfg.run_dir).embed / "_SUCCESS.json").read_text())
+    assert success["skipped_stage"] is True and success["embeddings_dir"] == str(byo.resolve())
+    assert s["rows"] == 5 and s["image_dim"] == 8
+
+    np.save(byo / "img_emb" / "img_emb_0.npy", x[:4])  # row count no longer matches metadata
+    with pytest.raises(EmbeddingsError, match="img_emb_0.npy"):
+        run_embed(cfg)
+
+
+@pytest.mark.slow
+def test_real_offline_teachers_equal_plain_loop(local_ray, tmp_path):
+    """EfficientNet-Lite0 (shipped weights) for images, all-MiniLM-L6-v2 for captions."""
+    shards = make_shards(tmp_path / "shards", [5, 4], seed=5)
+    cfg = cfg_for(
+        tmp_path / "run",
+        shards,
+        image_teacher="efficientnet-lite0",
+        text_teacher="minilm",
+        image_size=64,
+        batch_size=3,
+    )
+    s = run_embed(cfg)
+    assert s["image_dim"] == 1280 and s["text_dim"] == 384
+    ref = plain_loop(shards, "efficientnet-lite0", "minilm", 3, 100_000, image_size=64)
+    for url in shards:
+        img, txt, meta = read_stem(RunDir(cfg.run_dir).embed, shard_stem(url))
+        r = ref[shard_stem(url)]
+        assert meta["key"] == r["keys"]
+        np.testing.assert_allclose(img.astype(np.float32), r["img"], atol=2e-3)
+        np.testing.assert_allclose(txt.astype(np.float32), r["txt"], atol=2e-3)
+
+
+# ----------------------------------------------------------------------------------------
+# kill the driver mid-run, start again: identical files
+
+
+def _write_yaml(path: Path, run_dir: Path, shards: list[str]) -> Path:
+    path.write_text(
+        "\n".join(
+            [
+                f"run_dir: {run_dir}",
+                "data:",
+                f"  shards: '{'::'.join(shards)}'",
+                "ray:",
+                "  num_cpus: 2",
+                "embed:",
+                f"  image_teacher: '{TINY}'",
+                f"  text_teacher: '{TINY}'",
+                "  image_size: 64",
+                "  batch_size: 4",
+            ]
+        )
+        + "\n"
+    )
+    return path
+
+
+def _snapshot(embed_dir: Path) -> dict[str, bytes]:
+    out = {}
+    for sub in ("img_emb", "text_emb", "metadata"):
+        for p in sorted((embed_dir / sub).glob("*")):
+            if not p.name.startswith("."):
+                out[f"{sub}/{p.name}"] = p.read_bytes()
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_driver_then_resume_gives_identical_files(local_ray, tmp_path):
+    shards = make_shards(tmp_path / "shards", [10] * 16, seed=7)
+    killed_dir = tmp_path / "killed"
+    yaml_path = _write_yaml(tmp_path / "killed.yaml", killed_dir, shards)
+    done_dir = killed_dir / "embed" / "_done"
+    megaclass = Path(sys.executable).with_name("megaclass")
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0")
+    proc = subprocess.Popen(
+        [str(megaclass), "embed", str(yaml_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its Ray processes stay in this session: we clean them up below
+        env=env,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if done_dir.is_dir() and any(done_dir.glob("*.json")):
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the driver finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the Ray daemons the killed driver started
+        except ProcessLookupError:
+            pass
+    finished_before = sorted(p.stem for p in done_dir.glob("*.json"))
+    assert 0 < len(finished_before) < len(shards)
+
+    cfg = load_config(str(yaml_path), [])
+    resumed = run_embed(cfg)
+    assert resumed["shards_done_before"] == len(finished_before)
+    assert resumed["shards_embedded"] == len(shards) - len(finished_before)
+
+    clean_cfg = load_config(
+        str(_write_yaml(tmp_path / "clean.yaml", tmp_path / "clean", shards)), []
+    )
+    run_embed(clean_cfg)
+    a, b = _snapshot(killed_dir / "embed"), _snapshot(tmp_path / "clean" / "embed")
+    assert sorted(a) == sorted(b) and len(a) == 3 * len(shards)
+    for name in a:
+        assert a[name] == b[name], name  # byte-identical arrays and metadata
+    keys = []
+    for url in shards:
+        keys += (
+            pq.read_table(killed_dir / "embed" / "metadata" / f"{shard_stem(url)}.parquet")
+            .column("key")
+            .to_pylist()
+        )
+    assert len(keys) == len(set(keys)) == 160  # no duplicate, no missing key
