@@ -1,0 +1,584 @@
+"""Model-parallel partial-FC classification head (margin softmax and MLCD multi-label loss).
+
+Layout: the C class centres (K sub-centres each) are split contiguously over the ranks of a
+process group; rank r owns ``C//W + (r < C%W)`` classes starting at ``r·(C//W) + min(r, C%W)``
+(:func:`shard_range`). Each step the local embeddings and labels are all-gathered, every rank
+scores the whole global batch against its *sampled* centres, and a distributed softmax
+(row max and sum-exp all-reduces) turns the partial logits into the exact global loss.
+
+Dual random selection (Unicom):
+- classes: every class that is a positive of the global batch is kept, random negatives fill
+  the budget ``int(sample_rate·C_local)``; the generator is seeded from (seed, step, rank) so
+  ranks draw different negatives and a rerun draws the same ones;
+- feature dimensions: ``int(feature_rate·D)`` dimensions drawn from a generator seeded from
+  (seed, step) only — identical on every rank without any communication; both the embeddings
+  and the centres are renormalised inside that subspace.
+The draws of the last forward are exposed as :attr:`PartialFC.last_sample`.
+
+Gradient convention: the loss returned on every rank is the mean over the *global* batch (the
+same value everywhere). The all-gather's backward sums the embedding gradient over ranks and
+hands each rank its slice, so by default (``grad_average=False``) each rank's local embeddings
+get exactly ∂L/∂x of the global-mean loss. A trainer that averages backbone gradients over the
+W ranks (DDP / DeepSpeed) must therefore back-propagate ``W·loss`` (megaclass's trainer does,
+and divides the head's gradients back by W); ``grad_average=True`` instead multiplies the
+embedding gradient by W inside the all-gather backward, for trainers that back-propagate the
+plain loss. Either way the backbone update equals the single-process one. The centres are
+never averaged: each rank's shard gets the exact gradient of the global loss (times W if the
+trainer scales the loss).
+
+Unsampled rows: the centres are gathered with a *sparse* gradient, so only the sampled rows
+ever carry a gradient and nothing of size C_local×D is allocated per step. The optimizer from
+:meth:`PartialFC.make_optimizer` (:class:`RowSparseOptimizer`) by default updates only those
+rows — weight decay, momentum and Adam moments do not touch unsampled rows (insightface's v1
+behaviour; v2 lets them drift). ``update_unsampled=True`` selects the v2 behaviour (decay and
+momentum applied to every row each step, at the cost of a full pass over the shard).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from megaclass.training.distributed import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_,
+    is_dist,
+    rank_world,
+)
+from megaclass.training.margins import Margin, make_margin
+from torch import Tensor, nn
+
+__all__ = ["PartialFC", "RowSparseOptimizer", "SampledState", "shard_range", "step_generator"]
+
+log = logging.getLogger(__name__)
+_MAX = torch.distributed.ReduceOp.MAX
+
+
+def shard_range(num_classes: int, rank: int, world: int) -> tuple[int, int]:
+    """(first class, number of classes) owned by ``rank`` of ``world`` (contiguous shards)."""
+    base, rem = divmod(num_classes, world)
+    return rank * base + min(rank, rem), base + (1 if rank < rem else 0)
+
+
+def step_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded from an integer tuple (e.g. (seed, step, rank)) via SeedSequence,
+    so nearby keys give unrelated streams."""
+    state = np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator()
+    g.manual_seed((int(state[0]) << 32 | int(state[1])) & 0x7FFF_FFFF_FFFF_FFFF)
+    return g
+
+
+@dataclass
+class SampledState:
+    """What the last forward drew (for tests, logging and debugging)."""
+
+    step: int
+    rank: int
+    class_start: int
+    """Global id of this rank's first class."""
+    class_index: Tensor | None
+    """Sorted *local* indices of the sampled classes; None = all local classes."""
+    dims: Tensor | None
+    """Sorted sampled feature dimensions (same on every rank); None = all."""
+
+
+class _Normalize(torch.autograd.Function):
+    """Row L2-normalisation keeping one saved buffer (F.normalize's graph keeps several)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        n = x.norm(dim=1, keepdim=True).clamp_min_(1e-12)
+        y = x / n
+        ctx.save_for_backward(y, n)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        y, n = ctx.saved_tensors
+        dot = (g * y).sum(dim=1, keepdim=True)
+        return (g - y * dot).div_(n)
+
+
+class _DistMarginCE(torch.autograd.Function):
+    """Softmax cross-entropy over logits split column-wise across ranks.
+
+    Inputs: ``cos`` (B, S) local cosines, ``tgt`` (n,) margined target cosines of the n samples
+    whose class is local (at ``rows``/``cols``). The target entries of ``cos`` are replaced by
+    ``tgt`` (their gradient flows through ``tgt``), filtered negatives get logit 0 and no
+    gradient. Returns the mean over the B rows of −log p(target); three all-reduces of B floats.
+    """
+
+    @staticmethod
+    def forward(ctx, cos, tgt, rows, cols, scale, thresh, group, n_rows):
+        logits = cos * scale
+        filt = None
+        if thresh is not None:
+            filt = cos > thresh
+            filt[rows, cols] = False
+            logits.masked_fill_(filt, 0.0)
+        logits[rows, cols] = tgt * scale
+        row_max = logits.amax(dim=1)
+        all_reduce_(row_max, _MAX, group)
+        logits.sub_(row_max[:, None]).exp_()
+        stats = torch.zeros((logits.shape[0], 2), dtype=logits.dtype, device=logits.device)
+        stats[:, 0] = logits.sum(dim=1)
+        stats[rows, 1] = tgt * scale
+        all_reduce_(stats, group=group)
+        sum_exp, z_t = stats[:, 0], stats[:, 1]
+        loss = (sum_exp.log() + row_max - z_t).sum() / n_rows
+        logits.div_(sum_exp[:, None])
+        ctx.save_for_backward(logits, rows, cols, filt)
+        ctx.scale, ctx.n_rows = scale, n_rows
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        p, rows, cols, filt = ctx.saved_tensors
+        c = g / ctx.n_rows
+        p.mul_(c)
+        p[rows, cols] -= c
+        grad_tgt = p[rows, cols] * ctx.scale
+        p[rows, cols] = 0.0
+        if filt is not None:
+            p.masked_fill_(filt, 0.0)
+        p.mul_(ctx.scale)
+        return p, grad_tgt, None, None, None, None, None, None
+
+
+class _DistMultiLabel(torch.autograd.Function):
+    """MLCD loss over column-split logits:
+    mean_i [ log(1 + Σ_pos exp(−s_p)) + log(1 + Σ_neg exp(s_n)) ], s = scale·cosine, the
+    positives (``rows``/``cols``) margined (``tgt``); two all-reduces of 2B floats."""
+
+    @staticmethod
+    def forward(ctx, cos, tgt, rows, cols, scale, group, n_rows):
+        b = cos.shape[0]
+        z = cos * scale
+        z[rows, cols] = -math.inf
+        q = -tgt * scale
+        maxes = torch.zeros((b, 2), dtype=z.dtype, device=z.device)  # the "1" term: max ≥ 0
+        maxes[:, 0] = z.amax(dim=1).clamp_min(0.0)
+        maxes[:, 1] = maxes[:, 1].scatter_reduce(0, rows, q, reduce="amax")
+        all_reduce_(maxes, _MAX, group)
+        m_neg, m_pos = maxes[:, 0], maxes[:, 1]
+        z.sub_(m_neg[:, None]).exp_()
+        e_pos = (q - m_pos[rows]).exp()
+        sums = torch.zeros((b, 2), dtype=z.dtype, device=z.device)
+        sums[:, 0] = z.sum(dim=1)
+        sums[:, 1].index_add_(0, rows, e_pos)
+        all_reduce_(sums, group=group)
+        s_neg = sums[:, 0] + torch.exp(-m_neg)
+        s_pos = sums[:, 1] + torch.exp(-m_pos)
+        loss = (m_neg + s_neg.log() + m_pos + s_pos.log()).sum() / n_rows
+        z.div_(s_neg[:, None])
+        w_pos = e_pos / s_pos[rows]
+        ctx.save_for_backward(z, w_pos)
+        ctx.scale, ctx.n_rows = scale, n_rows
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        z, w_pos = ctx.saved_tensors
+        c = g / ctx.n_rows
+        grad_cos = z.mul_(c * ctx.scale)  # positives are exactly 0 there (exp(−inf))
+        grad_tgt = -w_pos * (c * ctx.scale)
+        return grad_cos, grad_tgt, None, None, None, None, None
+
+
+class PartialFC(nn.Module):
+    """Partial-FC head: sharded class centres, class and feature sampling, margin softmax or MLCD.
+
+    Args:
+        num_classes: C, total over all ranks.
+        embed_dim: D.
+        sample_rate: r; each rank keeps its positives plus random negatives up to int(r·C_local)
+            (MLCD: this is the random negative ratio). 1.0 = every class.
+        feature_rate: f; fraction of embedding dimensions used each step (same on all ranks).
+        margin: a :class:`~megaclass.training.margins.Margin` or a name for ``make_margin``.
+        scale: logit scale s (overrides the margin's); None keeps the margin's own default.
+        m: margin value passed to ``make_margin`` when ``margin`` is a name.
+        num_subcenters: K centres per class; the cosine to a class is the max over its K.
+        multi_label: MLCD loss; labels are then (B, l) with −1 as padding.
+        interclass_threshold: negatives with cosine above it get logit 0 and no gradient
+            (noisy-label filtering); None disables. Single-label loss only.
+        group: process group the head is split over; None = the default (world) group.
+        seed: seeds initialisation and every per-step draw.
+        grad_average: multiply the embedding gradient by the world size (see the module
+            docstring); False (default) = exact ∂L/∂x of the global-mean loss.
+        sparse_grad: centres get a sparse (sampled rows only) gradient; use
+            :meth:`make_optimizer`. False = dense gradient for stock torch optimizers (which
+            then decay/advance every row, and allocate C_local×D per step).
+        margin_m: alias of ``m`` (the name TrainConfig uses).
+        margin_kwargs: further ``make_margin`` arguments (e.g. m1/m2/m3, std, h).
+        init_std: centres ~ N(0, init_std).
+        dtype: storage dtype of the centres (float32; float64 for references).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        embed_dim: int,
+        sample_rate: float = 1.0,
+        feature_rate: float = 1.0,
+        margin: Margin | str = "arcface",
+        scale: float | None = None,
+        m: float | None = None,
+        num_subcenters: int = 1,
+        multi_label: bool = False,
+        interclass_threshold: float | None = None,
+        group=None,
+        seed: int = 0,
+        grad_average: bool = False,
+        sparse_grad: bool = True,
+        margin_m: float | None = None,
+        margin_kwargs: dict | None = None,
+        init_std: float = 0.01,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if not 0.0 < feature_rate <= 1.0:
+            raise ValueError(f"feature_rate must be in (0, 1], got {feature_rate}")
+        if num_subcenters < 1:
+            raise ValueError(f"num_subcenters must be >= 1, got {num_subcenters}")
+        if multi_label and interclass_threshold is not None:
+            raise ValueError("interclass_threshold applies to the single-label loss only")
+        self.group = group
+        self.rank, self.world = rank_world(group)
+        if num_classes < self.world:
+            raise ValueError(f"num_classes={num_classes} < world size {self.world}")
+        self.num_classes, self.embed_dim = int(num_classes), int(embed_dim)
+        self.sample_rate, self.feature_rate = float(sample_rate), float(feature_rate)
+        self.num_subcenters, self.multi_label = int(num_subcenters), bool(multi_label)
+        self.interclass_threshold = interclass_threshold
+        self.seed, self.grad_average = int(seed), bool(grad_average)
+        self.sparse_grad = bool(sparse_grad)
+        if m is not None and margin_m is not None and m != margin_m:
+            raise ValueError(f"m={m} and margin_m={margin_m} disagree")
+        m = m if m is not None else margin_m
+        self.class_start, self.num_local = shard_range(num_classes, self.rank, self.world)
+        if isinstance(margin, str):
+            kw = dict(margin_kwargs or {})
+            if scale is not None:
+                kw["scale"] = scale
+            if m is not None:
+                kw["m"] = m
+            margin = make_margin(margin, **kw)
+        elif scale is not None:
+            margin.scale = float(scale)
+        self.margin = margin
+        weight = torch.empty(
+            self.num_local * self.num_subcenters, embed_dim, dtype=dtype, device=device
+        )
+        weight.normal_(0.0, init_std, generator=step_generator(self.seed, 7, self.rank))
+        self.weight = nn.Parameter(weight)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.last_sample: SampledState | None = None
+
+    # ----------------------------------------------------------------------------- helpers
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, local=[{self.class_start}, "
+            f"{self.class_start + self.num_local}), embed_dim={self.embed_dim}, "
+            f"sample_rate={self.sample_rate}, feature_rate={self.feature_rate}, "
+            f"K={self.num_subcenters}, multi_label={self.multi_label}, world={self.world}"
+        )
+
+    @torch.no_grad()
+    def load_full_weight(self, full: Tensor) -> None:
+        """Copy this rank's rows out of a full (C·K, D) or (C, K, D) centre matrix."""
+        full = full.reshape(self.num_classes * self.num_subcenters, self.embed_dim)
+        k = self.num_subcenters
+        self.weight.copy_(full[self.class_start * k : (self.class_start + self.num_local) * k])
+
+    @torch.no_grad()
+    def full_weight(self) -> Tensor:
+        """All-gather the whole (C·K, D) centre matrix (for export and re-sharding)."""
+        if not is_dist(self.group):
+            return self.weight.detach().clone()
+        k = self.num_subcenters
+        rows_max = shard_range(self.num_classes, 0, self.world)[1] * k
+        pad = torch.zeros(
+            rows_max, self.embed_dim, dtype=self.weight.dtype, device=self.weight.device
+        )
+        pad[: self.weight.shape[0]] = self.weight
+        parts = all_gather_no_grad(pad, self.group).split(rows_max)
+        return torch.cat(
+            [p[: shard_range(self.num_classes, r, self.world)[1] * k] for r, p in enumerate(parts)]
+        )
+
+    def make_optimizer(
+        self,
+        name: str = "sgd",
+        lr: float = 0.1,
+        weight_decay: float = 5e-4,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        update_unsampled: bool = False,
+    ) -> RowSparseOptimizer:
+        """The head's optimizer (it must not go through DeepSpeed/DDP: it is not replicated)."""
+        return RowSparseOptimizer(
+            [self.weight],
+            algo=name,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            betas=betas,
+            eps=eps,
+            update_unsampled=update_unsampled,
+        )
+
+    def _check_labels(self, labels: Tensor, b: int) -> Tensor:
+        if self.multi_label:
+            if labels.dim() != 2 or labels.shape[0] != b:
+                raise ValueError(f"MLCD labels must be (B={b}, l), got {tuple(labels.shape)}")
+            lo = -1
+        else:
+            if labels.dim() == 2 and labels.shape[1] == 1:
+                labels = labels[:, 0]
+            if labels.dim() != 1 or labels.shape[0] != b:
+                raise ValueError(f"labels must be (B={b},), got {tuple(labels.shape)}")
+            lo = 0
+        if labels.numel() and (int(labels.min()) < lo or int(labels.max()) >= self.num_classes):
+            raise ValueError(
+                f"labels out of range [{lo}, {self.num_classes}): "
+                f"min {int(labels.min())}, max {int(labels.max())}"
+            )
+        return labels.long()
+
+    def _sample_classes(self, pos_local: Tensor, gen: torch.Generator) -> Tensor | None:
+        budget = max(1, int(self.sample_rate * self.num_local))
+        if budget >= self.num_local:
+            return None
+        if pos_local.numel() >= budget:
+            return pos_local
+        scores = torch.rand(self.num_local, generator=gen)
+        scores[pos_local] = 2.0
+        return scores.topk(budget, sorted=False).indices.sort().values
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, embeddings: Tensor, labels: Tensor, step: int | None = None) -> Tensor:
+        """Loss (mean over the global batch, same value on every rank).
+
+        ``embeddings``: (B, D) local batch (any float dtype; the head computes in fp32 or
+        better). ``labels``: (B,) global class ids, or (B, l) for MLCD (−1 = padding). B must be
+        the same on every rank. ``step`` overrides the internal draw counter (which advances by
+        one per forward in training mode).
+        """
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embed_dim:
+            raise ValueError(
+                f"embeddings must be (B, {self.embed_dim}), got {tuple(embeddings.shape)}"
+            )
+        b = embeddings.shape[0]
+        labels = self._check_labels(labels.to(embeddings.device), b)
+        if step is None:
+            step = int(self.step)
+            if self.training:
+                self.step += 1
+        device, k = self.weight.device, self.num_subcenters
+        cdtype = torch.promote_types(self.weight.dtype, torch.float32)
+
+        scale = self.world if self.grad_average else 1
+        emb = all_gather_with_grad(embeddings, self.group, grad_scale=scale)
+        lab = all_gather_no_grad(labels, self.group)
+        n_rows = emb.shape[0]
+
+        shared = step_generator(self.seed, step, 0, 0)
+        local = step_generator(self.seed, step, 1, self.rank)
+        dims = None
+        n_dims = max(1, int(self.feature_rate * self.embed_dim))
+        if n_dims < self.embed_dim:
+            dims = torch.randperm(self.embed_dim, generator=shared)[:n_dims].sort().values
+
+        # Local positives: (row in global batch, local class id).
+        flat = lab.reshape(-1)
+        in_shard = (flat >= self.class_start) & (flat < self.class_start + self.num_local)
+        pos_flat = in_shard.nonzero().squeeze(1)
+        rows = pos_flat // lab.shape[1] if lab.dim() == 2 else pos_flat
+        local_cls = flat[pos_flat] - self.class_start
+        if self.multi_label and local_cls.numel():  # duplicate labels in a row count once
+            key = torch.unique(rows * self.num_local + local_cls)
+            rows, local_cls = key // self.num_local, key % self.num_local
+        idx = self._sample_classes(torch.unique(local_cls).cpu(), local)
+        self.last_sample = SampledState(step, self.rank, self.class_start, idx, dims)
+        if idx is not None:
+            idx = idx.to(device)
+            cols = torch.searchsorted(idx, local_cls)
+        else:
+            cols = local_cls
+
+        with torch.autocast(device_type=device.type, enabled=False):
+            e = emb.to(cdtype)
+            norms = e.detach().norm(dim=1)
+            if idx is None:
+                w = self.weight
+            else:
+                wrows = (
+                    idx
+                    if k == 1
+                    else (idx[:, None] * k + torch.arange(k, device=device)).reshape(-1)
+                )
+                w = F.embedding(wrows, self.weight, sparse=self.sparse_grad)
+            w = w.to(cdtype)
+            if dims is not None:
+                dims = dims.to(device)
+                e, w = e[:, dims], w[:, dims]
+            e_n, w_n = _Normalize.apply(e), _Normalize.apply(w)
+            cos = e_n @ w_n.T
+            if k > 1:
+                cos = cos.view(n_rows, -1, k).amax(dim=2)
+            # Target cosines through a small side path (no B×S scatter in the backward).
+            w_t = w_n.view(-1, k, w_n.shape[1])[cols]
+            cos_t = (w_t * e_n[rows, None, :]).sum(dim=2).amax(dim=1).clamp(-1.0, 1.0)
+
+            mg = self.margin
+            cos_global = None
+            if mg.needs_global_cos:
+                if self.multi_label:
+                    raise ValueError(f"{type(mg).__name__} with plus=True needs a single label")
+                cos_global = torch.zeros(n_rows, dtype=cdtype, device=device)
+                cos_global[rows] = cos_t.detach()
+                all_reduce_(cos_global, group=self.group)
+            params = mg.prepare(norms=norms, cos_target=cos_global, generator=shared)
+            tgt = mg(cos_t, None if params is None else params.to(device)[rows])
+
+            if self.multi_label:
+                return _DistMultiLabel.apply(cos, tgt, rows, cols, mg.scale, self.group, n_rows)
+            return _DistMarginCE.apply(
+                cos, tgt, rows, cols, mg.scale, self.interclass_threshold, self.group, n_rows
+            )
+
+
+class RowSparseOptimizer(torch.optim.Optimizer):
+    """SGD (momentum, coupled weight decay) or AdamW for parameters with row-sparse gradients.
+
+    With ``update_unsampled=False`` (default) only rows present in the (sparse) gradient are
+    read or written: weight decay, the momentum buffer and the Adam moments of the other rows
+    stay bit-identical, and AdamW keeps a per-row step count so bias correction is right for
+    rarely sampled rows. With ``update_unsampled=True`` every row is decayed and its momentum /
+    moments advanced every step (insightface PartialFC v2 semantics). Dense gradients are
+    accepted too (every row counts as sampled).
+    """
+
+    def __init__(
+        self,
+        params,
+        algo: str = "sgd",
+        lr: float = 0.1,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        update_unsampled: bool = False,
+    ) -> None:
+        if algo not in ("sgd", "adamw"):
+            raise ValueError(f"head optimizer must be 'sgd' or 'adamw', got {algo!r}")
+        defaults = dict(
+            algo=algo,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            betas=betas,
+            eps=eps,
+            update_unsampled=update_unsampled,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    g = g.coalesce()
+                    rows, vals = g.indices()[0], g.values()
+                else:
+                    rows, vals = None, g.reshape(p.shape[0], -1).view_as(p)
+                if group["algo"] == "sgd":
+                    self._sgd(p, rows, vals, group)
+                else:
+                    self._adamw(p, rows, vals, group)
+        return loss
+
+    def _sgd(self, p: Tensor, rows: Tensor | None, vals: Tensor, group: dict) -> None:
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        st = self.state[p]
+        if mu and "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(p)
+        if rows is None or group["update_unsampled"]:
+            if rows is None:
+                d = vals.clone()
+            else:
+                d = torch.zeros_like(p).index_add_(0, rows, vals) if not mu else None
+            if mu:
+                buf = st["momentum_buffer"]
+                buf.mul_(mu)
+                if wd:
+                    buf.add_(p, alpha=wd)
+                if rows is None:
+                    buf.add_(d)
+                else:
+                    buf.index_add_(0, rows, vals)
+                p.add_(buf, alpha=-lr)
+            else:
+                if wd:
+                    d.add_(p, alpha=wd)
+                p.add_(d, alpha=-lr)
+            return
+        w = p.index_select(0, rows)
+        d = vals.add(w, alpha=wd) if wd else vals
+        if mu:
+            buf = st["momentum_buffer"]
+            b = buf.index_select(0, rows).mul_(mu).add_(d)
+            buf.index_copy_(0, rows, b)
+            d = b
+        p.index_copy_(0, rows, w.add_(d, alpha=-lr))
+
+    def _adamw(self, p: Tensor, rows: Tensor | None, vals: Tensor, group: dict) -> None:
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        b1, b2 = group["betas"]
+        st = self.state[p]
+        if "exp_avg" not in st:
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_avg_sq"] = torch.zeros_like(p)
+            st["row_step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
+        m, v, t = st["exp_avg"], st["exp_avg_sq"], st["row_step"]
+        if rows is None or group["update_unsampled"]:
+            t.add_(1)
+            g = vals if rows is None else torch.zeros_like(p).index_add_(0, rows, vals)
+            p.mul_(1 - lr * wd)
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            self._adam_apply(p, m, v, t, lr, b1, b2, eps)
+            return
+        t_r = t.index_select(0, rows).add_(1)
+        t.index_copy_(0, rows, t_r)
+        m_r = m.index_select(0, rows).mul_(b1).add_(vals, alpha=1 - b1)
+        v_r = v.index_select(0, rows).mul_(b2).addcmul_(vals, vals, value=1 - b2)
+        m.index_copy_(0, rows, m_r)
+        v.index_copy_(0, rows, v_r)
+        w = p.index_select(0, rows).mul_(1 - lr * wd)
+        self._adam_apply(w, m_r, v_r, t_r, lr, b1, b2, eps)
+        p.index_copy_(0, rows, w)
+
+    @staticmethod
+    def _adam_apply(w, m, v, t, lr, b1, b2, eps) -> None:
+        tt = t.to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
+        bc1 = 1 - b1**tt
+        bc2 = 1 - b2**tt
+        w.sub_(lr * (m / bc1) / ((v / bc2).sqrt_().add_(eps)))
