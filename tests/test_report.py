@@ -1,0 +1,397 @@
+"""The report from synthetic run directories in the contract layout (complete, partial, broken),
+and the HTML report rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from megaclass.data.atomic import write_json_atomic
+from megaclass.pipelines.config import RunConfig, dump_config
+from megaclass.pipelines.metrics import evaluate_features
+from megaclass.pipelines.report import build_report
+from PIL import Image
+
+STAGE_FILES = {
+    "embed": "embed/_SUCCESS.json",
+    "cluster": "cluster/_SUCCESS.json",
+    "assign": "labels/_SUCCESS.json",
+    "train": "train/_SUCCESS.json",
+    "eval": "eval/_SUCCESS.json",
+}
+K = 12
+
+
+def _embed(run: Path, complete: bool) -> None:
+    recs = [
+        {"rows": 40, "stats": {"seen": 42, "kept": 40, "skipped": {"undecodable_image": 2}}},
+        {"rows": 39, "stats": {"seen": 40, "kept": 39, "skipped": {"missing_caption": 1}}},
+    ]
+    for i, r in enumerate(recs):
+        write_json_atomic(run / "embed" / "_done" / f"shard-{i:06d}.json", r)
+    if complete:
+        write_json_atomic(
+            run / "embed" / "_SUCCESS.json",
+            {  # keys as pipelines/embed.py writes them
+                "stage": "embed",
+                "skipped_stage": False,
+                "teacher": {"image_teacher": "efficientnet-lite0", "text_teacher": "minilm"},
+                "image_dim": 1280,
+                "text_dim": 384,
+                "shards": 2,
+                "shards_embedded": 2,
+                "shards_failed": 0,
+                "rows": 79,
+                "seen": 82,
+                "skipped": {"undecodable_image": 2, "missing_caption": 1},
+                "skipped_total": 3,
+                "skipped_by_shard": {"s0.tar": {"undecodable_image": 2}},
+                "wall_s": 12.5,
+                "samples_per_s": 6.32,
+            },
+        )
+
+
+def _cluster(run: Path) -> None:
+    obj = [50.0 + 10 * (1 - 0.5**i) for i in range(8)]
+    stats = {  # keys as pipelines/cluster.py writes them
+        "backend": "faiss",
+        "k": K,
+        "dim": 1664,
+        "feature": "mean",
+        "sample_rows": 79,
+        "total_rows": 79,
+        "objective": obj,
+        "objective_per_point": [v / 79 for v in obj],
+        "final_mean_cosine": 0.76,
+        "sizes": {
+            "k": K,
+            "points": 79,
+            "empty": 0,
+            "singleton": 1,
+            "imbalance": 1.21,
+            "size_percentiles": {"p0": 1.0, "p50": 6.0, "p100": 14.0},
+            "largest": [14, 11, 9],
+        },
+        "quality": {"nmi": 0.81, "ami": 0.7, "homogeneity": 0.8, "completeness": 0.82},
+        "seconds_kmeans": 0.4,
+        "centroid_sha256": "ab" * 32,
+    }
+    write_json_atomic(run / "cluster" / "stats.json", stats)
+    write_json_atomic(run / "cluster" / "_SUCCESS.json", stats)
+
+
+def _assign(run: Path, sha: str = "ab" * 32) -> np.ndarray:
+    from megaclass.data.labels import write_labels
+
+    rng = np.random.default_rng(0)
+    cls = rng.integers(0, K - 1, 79)  # cluster K-1 stays empty
+    for i, (a, b) in enumerate([(0, 40), (40, 79)]):
+        c = cls[a:b]
+        write_labels(
+            run / "labels" / f"shard-{i:06d}.parquet",
+            [f"k{j}" for j in range(a, b)],
+            c[:, None].astype(np.int64),
+            np.full((b - a, 1), 0.8, np.float32),
+            sha,
+        )
+    write_json_atomic(
+        run / "labels" / "_SUCCESS.json",
+        {
+            "k": K,
+            "topk": 1,
+            "method": "exact",
+            "centroid_sha256": sha,
+            "stems": 2,
+            "rows": 79,
+            "seconds": 0.2,
+            "rows_per_second": 395.0,
+            "label_histogram": {"empty": 1, "imbalance": 1.3},
+            "low_score_threshold": 0.5,
+            "low_score_rows": 3,
+            "low_score_share": 3 / 79,
+        },
+    )
+    return np.bincount(cls, minlength=K)
+
+
+def _train(run: Path, complete: bool, steps: int = 30) -> None:
+    (run / "train").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for s in range(5, steps + 1, 5):
+        lines.append(
+            json.dumps(
+                {  # the record of training/trainer.py _Window.record
+                    "step": s,
+                    "loss": 9.0 / (1 + 0.1 * s),
+                    "lr": 1e-3 * min(1.0, s / 10),
+                    "head_lr": 1e-3 * min(1.0, s / 10),
+                    "samples_per_s": 100.0 + s,
+                    "data_wait_share": 0.1,
+                    "grad_norm": 1.0,
+                    "samples": s * 32,
+                    "time": 1e9 + s,
+                }
+            )
+        )
+    (run / "train" / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 3')  # torn tail
+    (run / "train" / "ckpt" / "step-0000010").mkdir(parents=True)
+    if complete:
+        write_json_atomic(
+            run / "train" / "_SUCCESS.json",
+            {
+                "steps": steps,
+                "final_loss": 9.0 / (1 + 0.1 * steps),
+                "samples": steps * 32,
+                "bad_steps": 0,
+                "world_size": 2,
+                "interrupted": False,
+                "resumed_from": 0,
+                "global_batch": 32,
+                "wall_s": 30.0,
+                "samples_per_s": 32.0,
+                "export": {"encoder": str(run / "export" / "encoder.safetensors")},
+            },
+        )
+
+
+def _eval(run: Path) -> dict:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 6, 60).tolist()
+    centers = rng.normal(size=(6, 32))
+    encoders = {}
+    for name, noise, dim in (("teacher", 2.0, 32), ("student", 1.0, 16)):
+        x = centers[y][:, :dim] + noise * rng.normal(size=(60, dim))
+        res = evaluate_features(x, y, (1, 2, 4, 8), 5, [4, 8, 64], skip_oversized=True)
+        encoders[name] = {"kind": name, "spec": name, "dim": dim, "images_per_s": 50.0, **res}
+    summary = {
+        "stage": "eval",
+        "eval_set": {"n": 60, "classes": 6, "class_field": "class", "read": {"skipped": {}}},
+        "settings": {"recall_ks": [1, 2, 4, 8], "knn_k": 5, "compact_dims": [4, 8, 64]},
+        "encoders": encoders,
+        "comparison": {
+            "full": {
+                k: encoders["student"]["full"][k] - encoders["teacher"]["full"][k]
+                for k in ("recall@1", "map@r", "knn_acc")
+            }
+        },
+        "wall_s": 3.0,
+    }
+    write_json_atomic(run / "eval" / "metrics.json", summary)
+    write_json_atomic(run / "eval" / "_SUCCESS.json", summary)
+    return summary
+
+
+def make_run(root: Path, stages: set[str]) -> Path:
+    """A run directory where ``stages`` are complete; embed/train are partial when not listed."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.yaml").write_text(dump_config(RunConfig(run_dir=str(root))))
+    _embed(root, "embed" in stages)
+    if "cluster" in stages:
+        _cluster(root)
+    if "assign" in stages:
+        _assign(root)
+    if "train" in stages or "train_partial" in stages:
+        _train(root, "train" in stages)
+    if "eval" in stages:
+        _eval(root)
+    return root
+
+
+ALL = {"embed", "cluster", "assign", "train", "eval"}
+
+
+def _png_ok(path: Path) -> bool:
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"))
+    return arr.shape[0] > 50 and arr.shape[1] > 50 and arr.std() > 5
+
+
+def test_report_complete_run(tmp_path):
+    run = make_run(tmp_path / "run", ALL)
+    rep = build_report(run)
+    assert rep["missing"] == []
+    assert {s: v["status"] for s, v in rep["stages"].items()} == dict.fromkeys(
+        STAGE_FILES, "complete"
+    )
+    st = rep["stages"]
+    assert st["embed"]["skipped"] == {"undecodable_image": 2, "missing_caption": 1}
+    assert st["embed"]["samples_per_s"] == 6.32
+    assert st["cluster"]["iterations"] == 8 and st["cluster"]["sizes"]["imbalance"] == 1.21
+    assert st["cluster"]["quality"]["nmi"] == 0.81
+    assert st["assign"]["low_score_share"] == pytest.approx(3 / 79)
+    assert st["train"]["steps"] == 30 and st["train"]["metrics"]["records"] == 6
+    assert st["train"]["metrics"]["unreadable_lines"] == 1  # torn tail line is counted, not fatal
+    assert st["train"]["metrics"]["loss_min"] == pytest.approx(9.0 / 4)
+    ev = st["eval"]["encoders"]
+    assert set(ev) == {"teacher", "student"} and "64" in ev["student"]["compact_skipped"]
+    # every plot written, a real image, and embedded in the HTML
+    assert set(rep["plots"]) == {
+        "kmeans_objective",
+        "cluster_sizes",
+        "train_loss_lr",
+        "eval_recall",
+        "eval_dims",
+    }
+    html_text = (run / "report.html").read_text()
+    for name, p in rep["plots"].items():
+        assert "file" in p, (name, p)
+        assert _png_ok(run / p["file"]), name
+    assert html_text.count("data:image/png;base64,") == 5
+    assert "<script" not in html_text and "http://" not in html_text and "https://" not in html_text
+    md = (run / "report.md").read_text()
+    assert "All stages complete" in md and "![Recall@K per encoder](plots/eval_recall.png)" in md
+    r1 = 100 * ev["teacher"]["full"]["recall@1"]
+    assert f"| teacher | 32 | {r1:.1f} |" in md
+    assert json.loads((run / "report.json").read_text())["missing"] == []
+
+
+def test_report_cluster_sizes_from_labels(tmp_path):
+    run = make_run(tmp_path / "run", {"embed", "cluster"})
+    counts = _assign(run)
+    from megaclass.pipelines.report import RunDir, cluster_sizes
+
+    sizes, source = cluster_sizes(RunDir(run), K)
+    np.testing.assert_array_equal(sizes, counts)
+    assert "79 labelled samples" in source
+
+
+def test_report_partial_run_says_what_is_missing(tmp_path):
+    run = make_run(tmp_path / "run", {"cluster", "train_partial"})
+    rep = build_report(run)
+    st = rep["stages"]
+    assert st["embed"]["status"] == "partial" and st["embed"]["shards_done"] == 2
+    assert st["embed"]["skipped"] == {"undecodable_image": 2, "missing_caption": 1}
+    assert st["cluster"]["status"] == "complete"
+    assert st["assign"]["status"] == "missing"
+    assert st["train"]["status"] == "partial" and "last logged step 30" in st["train"]["note"]
+    assert st["eval"]["status"] == "missing"
+    assert rep["missing"] == ["embed", "assign", "train", "eval"]
+    assert "file" in rep["plots"]["kmeans_objective"] and "file" in rep["plots"]["train_loss_lr"]
+    # no labels: the size plot falls back to the cluster stats' percentiles, and says so
+    assert "file" in rep["plots"]["cluster_sizes"]
+    assert "missing" in rep["plots"]["eval_recall"] and "missing" in rep["plots"]["eval_dims"]
+    md = (run / "report.md").read_text()
+    assert "Incomplete run — stages not complete: embed, assign, train, eval" in md
+    assert "Recall@K per encoder: not available" in md
+    html_text = (run / "report.html").read_text()
+    assert "Incomplete run" in html_text and html_text.count("data:image/png;base64,") == 3
+    # a later rebuild after eval finished drops the "missing" entry and adds its plots
+    _eval(run)
+    rep2 = build_report(run)
+    assert "eval" not in rep2["missing"] and "file" in rep2["plots"]["eval_recall"]
+
+
+def test_report_empty_and_broken_runs(tmp_path):
+    run = tmp_path / "empty"
+    run.mkdir()
+    rep = build_report(run)
+    assert rep["missing"] == list(STAGE_FILES) and rep["config"]["status"] == "missing"
+    assert all("missing" in p for p in rep["plots"].values())
+    assert (run / "report.html").is_file()
+
+    broken = make_run(tmp_path / "broken", ALL)
+    (broken / "cluster" / "_SUCCESS.json").write_text("{not json")
+    (broken / "eval" / "metrics.json").write_text("[1, 2]")
+    rep = build_report(broken)
+    assert rep["stages"]["cluster"]["status"] == "unreadable"
+    assert "_SUCCESS.json" in rep["stages"]["cluster"]["error"]
+    assert rep["stages"]["eval"]["status"] == "unreadable"
+    assert "expected a JSON object" in rep["stages"]["eval"]["error"]
+    assert rep["missing"] == ["cluster", "eval"]
+    # mismatching centroid sha between labels and centroids is flagged
+    mism = make_run(tmp_path / "mism", {"embed", "cluster"})
+    _assign(mism, sha="cd" * 32)
+    rep = build_report(mism)
+    assert "different centroids" in rep["stages"]["assign"]["warning"]
+    with pytest.raises(FileNotFoundError, match="run directory not found"):
+        build_report(tmp_path / "nope")
+
+
+# --------------------------------------------------------------------------------------
+# the HTML in a real browser
+# --------------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+PROBE = """
+<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message || e.type)), true);
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const out = document.createElement('pre');
+  out.id = 'probe';
+  out.textContent = JSON.stringify({
+    widths: imgs.map(i => i.naturalWidth), complete: imgs.map(i => i.complete),
+    errors: window.__errors, title: document.title,
+    h2: Array.from(document.querySelectorAll('h2')).map(h => h.textContent)});
+  document.body.appendChild(out);
+});
+</script>
+"""
+
+
+def _chromium(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=cwd)
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
+    env = {**os.environ, "HOME": str(cwd)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env)
+
+
+def test_html_report_renders_in_headless_chromium(tmp_path):
+    run = make_run(tmp_path / "run", ALL)
+    build_report(run)
+    page = (run / "report.html").read_text()
+    assert page.count("<img") == 5
+    probe = run / "probe.html"  # the report itself carries no script: inject one into a copy
+    probe.write_text(page.replace("</body>", PROBE + "</body>"))
+    res = _chromium(["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    start = res.stdout.find('<pre id="probe">')
+    assert start >= 0, res.stdout[-2000:]
+    raw = res.stdout[start + len('<pre id="probe">') : res.stdout.find("</pre>", start)]
+    import html as _html
+
+    info = json.loads(_html.unescape(raw))
+    assert info["errors"] == []
+    assert len(info["widths"]) == 5 and all(w > 100 for w in info["widths"]), info
+    assert info["title"].startswith("megaclass report")
+    assert any("Eval" in h for h in info["h2"]) and any("Train" in h for h in info["h2"])
+
+    shot = tmp_path / "report.png"
+    res = _chromium(
+        [
+            "--window-size=1100,2600",
+            "--hide-scrollbars",
+            f"--screenshot={shot}",
+            (run / "report.html").as_uri(),
+        ],
+        tmp_path,
+    )
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    with Image.open(shot) as im:
+        arr = np.asarray(im.convert("RGB")).astype(np.int16)
+    assert arr.shape[:2] == (2600, 1100)
+    # not blank: many distinct colours, and plot colours (saturated pixels) are on screen
+    assert len(np.unique(arr.reshape(-1, 3)[::7], axis=0)) > 200
+    saturation = arr.max(axis=2) - arr.min(axis=2)
+    assert (saturation > 80).mean() > 0.002
+    shutil.copy(shot, run / "report-screenshot.png")
