@@ -430,8 +430,11 @@ def plot_sizes(sizes: np.ndarray | None, source: str, cl: dict[str, Any], path: 
     plt = _plt()
     if sizes is not None:
         h = np.sort(sizes)[::-1]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
         a1.hist(h, bins=min(50, max(5, len(np.unique(h)))), color="#4c72b0")
+        from matplotlib.ticker import MaxNLocator
+
+        a1.yaxis.set_major_locator(MaxNLocator(integer=True))
         a1.set_xlabel("samples per cluster")
         a1.set_ylabel("clusters")
         a2.plot(np.arange(1, len(h) + 1), np.maximum(h, 0.5), color="#4c72b0")
@@ -467,7 +470,7 @@ def plot_train(records: list[dict[str, Any]], path: Path) -> str | None:
     if not pts:
         return "no records in RUN/train/metrics.jsonl"
     plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
     ls = [(s, v) for s, v, _, _ in pts if isinstance(v, (int, float)) and math.isfinite(v)]
     a1.plot(
         [s for s, _ in ls],
@@ -539,14 +542,20 @@ def plot_dims(ev: dict[str, Any], path: Path) -> str | None:
     if not series:
         return "fewer than two feature sizes per encoder (set eval.compact_dims)"
     plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
     for name, pts in series.items():
         ds = [d for d, _ in pts]
         for ax, key in ((a1, "recall@1"), (a2, "map@r")):
             vals = [m.get(key) for _, m in pts]
             ax.plot(ds, [np.nan if v is None else 100 * v for v in vals], marker="o", label=name)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ticks = sorted({d for pts in series.values() for d, _ in pts})
     for ax, label in ((a1, "Recall@1 (%)"), (a2, "mAP@R (%)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("feature dimension (first d, renormalised)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -685,6 +694,44 @@ def _kv_rows(sec: dict[str, Any], stage: str) -> list[tuple[str, str]]:
     return rows
 
 
+def headline(stage: str, sec: dict[str, Any]) -> str:
+    """One line per stage for the overview table (empty when the stage is not complete)."""
+    if sec.get("status") != "complete":
+        return ""
+    g = sec.get
+    if stage == "embed":
+        return (
+            f"{_fmt(g('rows'))} rows from {_fmt(g('shards'))} shards, "
+            f"{_fmt(g('skipped_total'))} samples skipped, {_fmt(g('samples_per_s'))} samples/s"
+        )
+    if stage == "cluster":
+        q = (g("quality") or {}).get("nmi")
+        return (
+            f"k={_fmt(g('k'))} ({g('backend')}), {g('iterations')} iterations, "
+            f"imbalance {_fmt((g('sizes') or {}).get('imbalance'))}"
+            + (f", NMI {_fmt(q)}" if q is not None else "")
+        )
+    if stage == "assign":
+        share = g("low_score_share")
+        return f"{_fmt(g('rows'))} rows, top-{g('topk')} ({g('method')})" + (
+            f", {100 * share:.1f}% below score {g('low_score_threshold')}"
+            if share is not None
+            else ""
+        )
+    if stage == "train":
+        return (
+            f"{_fmt(g('steps'))} steps, final loss {_fmt(g('final_loss'))}, "
+            f"{_fmt(g('samples_per_s'))} samples/s on {_fmt(g('world_size'))} rank(s)"
+        )
+    if stage == "eval":
+        parts = [
+            f"{name} R@1 {_pct(r['full'].get('recall@1'))}%"
+            for name, r in (g("encoders") or {}).items()
+        ]
+        return ", ".join(parts)
+    return ""
+
+
 def eval_table(ev: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one row per encoder × feature size, metrics in %."""
     encs = ev.get("encoders") or {}
@@ -739,6 +786,10 @@ STAGE_PLOTS = {
 }
 
 
+def _overview_note(sec: dict[str, Any]) -> str:
+    return sec.get("note") or sec.get("error") or sec.get("headline") or ""
+
+
 def render_md(report: dict[str, Any]) -> str:
     lines = [
         f"# megaclass report — `{report['run_dir']}`",
@@ -759,7 +810,7 @@ def render_md(report: dict[str, Any]) -> str:
                 [
                     s,
                     report["stages"][s]["status"],
-                    report["stages"][s].get("note", report["stages"][s].get("error", "")),
+                    _overview_note(report["stages"][s]),
                 ]
                 for s in STAGES
             ],
@@ -822,9 +873,10 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .complete{background:#d9f2e1;color:#17663a}.partial{background:#fff1c9;color:#7a5a00}
 .missing{background:#f1f2f4;color:#5a6375}.unreadable{background:#fbdada;color:#8a1c1c}
 .banner{padding:10px 14px;border-radius:6px;margin:10px 0}.ok{background:#d9f2e1}.warn{background:#fff1c9}
-figure{margin:10px 0 18px;background:#fff;border:1px solid #d8dce3;padding:8px;display:inline-block}
+figure{margin:8px 0 14px;background:#fff;border:1px solid #d8dce3;padding:8px;display:inline-block}
 figure img{max-width:100%;display:block}figcaption{color:#5a6375;font-size:0.88em;margin-top:4px}
 .na{color:#7a8192;font-style:italic}
+.row{display:flex;flex-wrap:wrap;gap:0 22px;align-items:flex-start}.full{flex-basis:100%}
 """
 
 
@@ -860,7 +912,7 @@ def render_html(report: dict[str, Any], plot_dir: Path) -> str:
 
     status_rows = "".join(
         f"<tr><td>{e(s)}</td><td><span class='badge {e(report['stages'][s]['status'])}'>{e(report['stages'][s]['status'])}</span></td>"
-        f"<td>{e(report['stages'][s].get('note', report['stages'][s].get('error', '')))}</td></tr>"
+        f"<td>{e(_overview_note(report['stages'][s]))}</td></tr>"
         for s in STAGES
     )
     out.append(
@@ -884,22 +936,25 @@ def render_html(report: dict[str, Any], plot_dir: Path) -> str:
                 )
             )
         kv = _kv_rows(sec, stage)
+        out.append("<div class='row'>")
         if kv:
             out.append(table(["", "value"], [list(r) for r in kv]))
         if stage == "embed" and sec.get("skipped"):
-            out.append("<p>Skipped samples by reason:</p>")
             out.append(
                 table(
-                    ["reason", "samples"], [[k, str(v)] for k, v in sorted(sec["skipped"].items())]
+                    ["skipped: reason", "samples"],
+                    [[k, str(v)] for k, v in sorted(sec["skipped"].items())],
                 )
             )
         if stage == "eval":
             header, rows = eval_table(sec)
             if rows:
                 out.append(
-                    "<p>Metrics in %, SOP protocol: every image a query, the rest the gallery; queries of single-member classes excluded.</p>"
+                    "<div class='full'><p>Metrics in %, SOP protocol: every image a query, the rest "
+                    "the gallery; queries of single-member classes excluded.</p>"
+                    + table(header, rows, 2)
+                    + "</div>"
                 )
-                out.append(table(header, rows, 2))
         for p in STAGE_PLOTS.get(stage, []):
             plot = report["plots"].get(p, {})
             if plot.get("file"):
@@ -912,6 +967,7 @@ def render_html(report: dict[str, Any], plot_dir: Path) -> str:
                 out.append(
                     f"<p class='na'>{e(PLOT_TITLES[p])}: not available — {e(plot.get('missing', 'no data'))}.</p>"
                 )
+        out.append("</div>")
     out.append("</main></body></html>")
     return "\n".join(out) + "\n"
 
@@ -935,6 +991,8 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         "train": train,
         "eval": read_eval(rd),
     }
+    for name, sec in stages.items():
+        sec["headline"] = headline(name, sec)
     report: dict[str, Any] = {
         "run_dir": str(rd.root.resolve()),
         "generated_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
