@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from megaclass.training.losses import SigLipLogits, siglip_loss
-from open_clip.loss import SigLipLoss
 
 N_PER_RANK, DIM = 3, 8
 
@@ -39,6 +38,8 @@ def make_batch(world: int, seed: int = 0):
 
 def reference(x, y, t, b):
     """open_clip on the concatenated batch (one process): loss and gradients."""
+    from open_clip.loss import SigLipLoss  # imported here: the gloo workers do not need it
+
     x, y, t, b = (v.clone().requires_grad_(True) for v in (x, y, t, b))
     loss = SigLipLoss()(x, y, t.exp(), b)
     loss.backward()
@@ -52,28 +53,39 @@ def _ours(x, y, t, b, **kw):
     return loss.detach(), x.grad, y.grad, t.grad, b.grad
 
 
-def run_checks(rank: int, world: int) -> list[str]:
-    fails = []
+def run_checks(rank: int, world: int) -> dict:
+    """Per variant/chunking: the rank-mean loss and scale/bias grads, this rank's feature grads."""
     x, y, t, b = make_batch(world, seed=world)
-    ref = reference(x, y, t, b)
     sl = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+    out = {}
     for variant in ("exchange", "gather"):
         for chunk in (None, 2):
             loss, gx, gy, gt, gb = _ours(x[sl], y[sl], t, b, variant=variant, chunk_size=chunk)
-            # What a DDP-averaging trainer sees: the mean over ranks.
-            stats = torch.stack([loss, gt, gb])
+            stats = torch.stack([loss, gt, gb])  # what a DDP-averaging trainer sees
             torch.distributed.all_reduce(stats)
+            # Plain lists: tensors in a multiprocessing queue outlive their sender badly.
+            out[(variant, chunk)] = ((stats / world).tolist(), gx.tolist(), gy.tolist())
+    return out
+
+
+def check_against_reference(world: int, results: list[dict]) -> list[str]:
+    x, y, t, b = make_batch(world, seed=world)
+    loss, rx, ry, rt, rb = reference(x, y, t, b)
+    fails = []
+    for rank, res in enumerate(results):
+        sl = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
+        for key, (stats, gx, gy) in res.items():
             got = {
-                "loss": (stats[0] / world, ref[0]),
-                "d/d image": (gx, world * ref[1][sl]),
-                "d/d text": (gy, world * ref[2][sl]),
-                "d/d log-scale": (stats[1] / world, ref[3]),
-                "d/d bias": (stats[2] / world, ref[4]),
+                "loss": (torch.tensor(stats[0], dtype=torch.float64), loss),
+                "d/d log-scale": (torch.tensor(stats[1], dtype=torch.float64), rt),
+                "d/d bias": (torch.tensor(stats[2], dtype=torch.float64), rb),
+                "d/d image": (torch.tensor(gx, dtype=torch.float64), world * rx[sl]),
+                "d/d text": (torch.tensor(gy, dtype=torch.float64), world * ry[sl]),
             }
             for what, (a, e) in got.items():
                 if not torch.allclose(a, e, rtol=1e-10, atol=1e-12):
                     err = (a - e).abs().max().item()
-                    fails.append(f"world {world} {variant} chunk={chunk} rank {rank} {what}: {err}")
+                    fails.append(f"world {world} {key} rank {rank} {what}: max err {err}")
     return fails
 
 
@@ -116,7 +128,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     except Exception:  # report, never hang the parent
-        res = [f"rank {rank} crashed:\n{traceback.format_exc()}"]
+        res = {"crash": f"rank {rank} crashed:\n{traceback.format_exc()}"}
     queue.put((rank, res))
 
 
@@ -147,5 +159,8 @@ def test_module_init_and_grad():
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_distributed_equals_concatenated_batch(world):
-    fails = [f for r in spawn_gloo(world) for f in r]
+    results = spawn_gloo(world)
+    crashes = [r["crash"] for r in results if "crash" in r]
+    assert not crashes, "\n".join(crashes)
+    fails = check_against_reference(world, results)
     assert not fails, "\n".join(fails)
