@@ -268,6 +268,7 @@ class TeacherActor:
         out = dict(row)
         out.pop("pixels", None)
         out.update(img=b"", txt=b"", img_dim=self.teacher.image_dim, encode_s=0.0)
+        out.update(t_start=time.time(), t_end=0.0)
         out["txt_dim"] = int(self.teacher.text_dim or 0)
         if row["error"]:
             return out
@@ -282,6 +283,7 @@ class TeacherActor:
                     caps = json.loads(row["meta"])["caption"]
                     out["txt"] = self.teacher.encode_texts(caps).tobytes()
             out["encode_s"] = time.perf_counter() - t0
+            out["t_end"] = time.time()
         except Exception as e:
             out["error"] = f"teacher: {type(e).__name__}: {e}"
             logger.debug(
@@ -496,6 +498,10 @@ def _run_pass(
                 continue
             if not p.first_seen:
                 p.first_seen = time.perf_counter()
+            if row["t_end"]:  # steady-state clock: the actors' first chunk start to last end
+                t_first = totals["t_first"] or float(row["t_start"])
+                totals["t_first"] = min(t_first, float(row["t_start"]))
+                totals["t_last"] = max(totals["t_last"], float(row["t_end"]))
             if row["error"]:
                 p.error = p.error or str(row["error"])
                 p.exhausted = p.exhausted or not bool(row["retryable"])
@@ -619,7 +625,7 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     )
 
     failed: dict[str, str] = {}
-    totals = {"samples": 0.0, "rows": 0.0, "t0": time.perf_counter()}
+    totals = dict(samples=0.0, rows=0.0, t0=time.perf_counter(), t_first=0.0, t_last=0.0)
     if todo:
         started = _connect_ray(cfg)
         bar = tqdm(total=len(todo), unit="shard", desc="embed", dynamic_ncols=True)
@@ -671,6 +677,11 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         "samples_per_s_after_startup": (
             round(totals["rows"] / max(time.perf_counter() - totals["t0"], 1e-9), 3)
             if todo
+            else None
+        ),
+        "samples_per_s_steady": (
+            round(totals["samples"] / max(totals["t_last"] - totals["t_first"], 1e-9), 3)
+            if totals["t_last"] > totals["t_first"]
             else None
         ),
         "ray": {"address": cfg.ray.address, "concurrency": cfg.embed.concurrency},
