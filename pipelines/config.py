@@ -79,7 +79,7 @@ class EmbedConfig:
     image_size: int | None = None
     """Override the teacher's input resolution (None: the teacher's default)."""
     batch_size: int = 64
-    """Samples per teacher forward pass (map_batches batch size)."""
+    """Samples per teacher forward pass: each shard is cut into chunks of this many consecutive samples."""
     concurrency: int = 1
     """Number of teacher actors."""
     num_gpus_per_actor: float = 0.0
