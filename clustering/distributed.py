@@ -60,6 +60,9 @@ class LloydWorker:
         self.x = torch.from_numpy(np.array(x, dtype=np.float32, copy=True)).to(self.device)
         return int(self.x.shape[0])
 
+    def unload(self) -> None:
+        self.x = None
+
     def step(self, c: np.ndarray, chunk_size: int, bf16: bool) -> tuple | None:
         """Assign the slice, all-reduce (sums, counts, objective); rank 0 returns them."""
         import torch.distributed as dist
@@ -100,28 +103,79 @@ class LloydWorker:
             dist.destroy_process_group()
 
 
+# The last worker pool, reused by later runs in this process with the same world size (starting
+# Ray workers and importing torch costs seconds per actor; releasing their CPUs is asynchronous).
+_POOL: dict = {}
+
+
+def _make_pool(world: int) -> dict:
+    total_cpu = ray.cluster_resources().get("CPU", 1.0)
+    total_gpu = ray.cluster_resources().get("GPU", 0.0)
+    use_gpu = total_gpu >= world
+    cpus = min(1.0, total_cpu / world)
+    threads = max(1, int(total_cpu // world))
+    opts = {"num_cpus": cpus, "num_gpus": 1 if use_gpu else 0}
+    workers = [LloydWorker.options(**opts).remote(r, world, threads, use_gpu) for r in range(world)]
+    master = ray.get(workers[0].node_ip.remote())
+    port = _free_port()
+    ray.get([w.setup.remote(master, port) for w in workers])
+    return {
+        "world": world,
+        "workers": workers,
+        "use_gpu": use_gpu,
+        "job": ray.get_runtime_context().get_job_id(),
+    }
+
+
+def shutdown_pool() -> None:
+    """Stop the cached workers (and their process group)."""
+    pool = _POOL.pop("pool", None)
+    if pool is None:
+        return
+    try:
+        ray.get([w.close.remote() for w in pool["workers"]], timeout=30)
+    except Exception as e:  # the group may be broken if a worker died; killing is enough
+        log.warning("closing workers: %s", e)
+    for w in pool["workers"]:
+        ray.kill(w)
+
+
+def get_pool(world: int) -> dict:
+    if not ray.is_initialized():
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    pool = _POOL.get("pool")
+    job = ray.get_runtime_context().get_job_id()
+    if pool is not None and (pool["world"] != world or pool["job"] != job):
+        if pool["job"] == job:
+            shutdown_pool()
+        _POOL.pop("pool", None)
+        pool = None
+    if pool is not None:
+        try:
+            ray.get([w.node_ip.remote() for w in pool["workers"]], timeout=30)
+        except Exception:
+            _POOL.pop("pool", None)
+            pool = None
+    if pool is None:
+        pool = _POOL["pool"] = _make_pool(world)
+    return pool
+
+
 class DistributedLloyd:
-    """Context manager owning ``world`` LloydWorker actors; ``iterate`` fits run_iterations."""
+    """Context manager over a pool of ``world`` LloydWorker actors, each loaded with one slice of
+    ``x``; ``iterate`` fits :func:`run_iterations`. The pool outlives the context (it is reused by
+    the next run of the same size; :func:`shutdown_pool` or Ray's shutdown stops it)."""
 
     def __init__(self, x: np.ndarray, world: int, chunk_size: int = 65536, bf16: bool = False):
         if world < 1:
             raise ValueError(f"num_workers must be >= 1, got {world}")
-        if not ray.is_initialized():
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         self.world, self.chunk_size, self.bf16 = world, chunk_size, bf16
-        total_cpu = ray.cluster_resources().get("CPU", 1.0)
-        total_gpu = ray.cluster_resources().get("GPU", 0.0)
-        use_gpu = total_gpu >= world
-        cpus = min(1.0, total_cpu / world)
-        threads = max(1, int(total_cpu // world))
-        opts = {"num_cpus": cpus, "num_gpus": 1 if use_gpu else 0}
-        self.use_gpu = use_gpu
-        self.workers = [
-            LloydWorker.options(**opts).remote(r, world, threads, use_gpu) for r in range(world)
-        ]
-        master = ray.get(self.workers[0].node_ip.remote())
-        port = _free_port()
-        ray.get([w.setup.remote(master, port) for w in self.workers])
+        try:
+            pool = get_pool(world)
+        except Exception:
+            _POOL.pop("pool", None)
+            raise
+        self.workers, self.use_gpu = pool["workers"], pool["use_gpu"]
         bounds = np.linspace(0, len(x), world + 1).astype(np.int64)
         ray.get([w.load.remote(x[bounds[r] : bounds[r + 1]]) for r, w in enumerate(self.workers)])
         self.n = len(x)
@@ -144,10 +198,8 @@ class DistributedLloyd:
     def __enter__(self) -> DistributedLloyd:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        try:
-            ray.get([w.close.remote() for w in self.workers], timeout=30)
-        except Exception as e:  # the group may be broken if a worker died; killing is enough
-            log.warning("closing workers: %s", e)
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         for w in self.workers:
-            ray.kill(w)
+            w.unload.remote()  # free the slice; keep the process group
+        if exc_type is not None:
+            shutdown_pool()  # a failed step may leave the group inconsistent

@@ -232,9 +232,11 @@ def train_hierarchical(
 
     if params.hier_parallel == "ray":
         import ray
+        from megaclass.clustering.distributed import shutdown_pool
 
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
+        shutdown_pool()  # cached Lloyd workers would hold the CPUs these tasks need
         task = ray.remote(num_cpus=1)(_ray_batch)
         xref, oref, aref = ray.put(xs), ray.put(offsets), ray.put(alloc)
         pending = {
