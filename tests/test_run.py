@@ -1,0 +1,104 @@
+"""``megaclass run``: which stages run or are skipped, and bring-your-own inputs, on real files.
+
+The full kill-during-each-stage / restart test needs every stage and the demo data; it lives
+with the demo (lead). Here the real cluster and assign stages run on tiny embeddings.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from megaclass.pipelines.config import ConfigError, load_config
+from megaclass.pipelines.run import PIPELINE, plan, run_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_slurm import _tiny_embeddings  # noqa: E402
+
+PY = sys.executable
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _actions(cfg, stages=PIPELINE) -> dict[str, str]:
+    return {p.stage: p.action for p in plan(cfg, stages)}
+
+
+def test_plan_skips_complete_stages_and_bring_your_own_inputs(tmp_path):
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}"])
+    assert _actions(cfg) == dict.fromkeys(PIPELINE, "run")
+    # a stage is complete exactly when its _SUCCESS.json exists
+    for folder in ("embed", "labels"):
+        (tmp_path / "run" / folder).mkdir(parents=True)
+        (tmp_path / "run" / folder / "_SUCCESS.json").write_text("{}")
+    (tmp_path / "run" / "cluster" / "_done").mkdir(parents=True)  # partial work only
+    acts = _actions(cfg)
+    assert acts["embed"] == "skip" and acts["assign"] == "skip"
+    assert acts["cluster"] == "run" and acts["train"] == "run" and acts["report"] == "run"
+    # bring your own
+    byo = load_config(None, [f"run_dir={tmp_path / 'other'}", "embed.embeddings_dir=/x/emb"])
+    assert _actions(byo)["embed"] == "skip" and _actions(byo)["cluster"] == "run"
+    byo = load_config(None, [f"run_dir={tmp_path / 'other'}", "cluster.centroids=/x/c.npy"])
+    p = {x.stage: x for x in plan(byo)}
+    assert p["cluster"].action == "run" and "cluster.centroids" in p["cluster"].reason
+    byo = load_config(None, [f"run_dir={tmp_path / 'other'}", "assign.labels_dir=/x/labels"])
+    assert _actions(byo) == {**dict.fromkeys(("embed", "cluster", "assign"), "skip"),
+                             **dict.fromkeys(("train", "eval", "report"), "run")}  # fmt: skip
+    assert list(_actions(cfg, ["eval", "train"])) == ["train", "eval"]  # always pipeline order
+    with pytest.raises(ConfigError, match="bogus"):
+        plan(cfg, ["train", "bogus"])
+
+
+def test_cli_rejects_unknown_stage(tmp_path):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run")}))
+    res = subprocess.run(
+        [PY, "-m", "megaclass.pipelines.run", str(tmp_path / "c.yaml"), "--stages", "embed,nope"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert res.returncode == 2 and "nope" in res.stderr
+
+
+@pytest.mark.slow
+def test_byo_embeddings_and_centroids_through_cluster_and_assign_then_resume(tmp_path):
+    from megaclass.data.labels import file_sha256, read_labels
+
+    emb = _tiny_embeddings(tmp_path, n_stems=2, rows=40, d=8)
+    rng = np.random.default_rng(3)
+    cent = rng.normal(size=(5, 8)).astype(np.float32)
+    cent /= np.linalg.norm(cent, axis=1, keepdims=True)
+    np.save(tmp_path / "mine.npy", cent)
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"embed.embeddings_dir={emb}",
+            f"cluster.centroids={tmp_path / 'mine.npy'}",
+            "cluster.k=5",
+            "cluster.feature=image",
+            "assign.topk=2",
+            "ray.num_cpus=1",
+        ],
+    )
+    res = run_pipeline(cfg, stages=("embed", "cluster", "assign"))
+    acts = {s: r["action"] for s, r in res["stages"].items()}
+    assert acts == {"embed": "skip", "cluster": "run", "assign": "run"}
+    run = tmp_path / "run"
+    stored = np.load(run / "cluster" / "centroids.npy")
+    assert np.allclose(stored, cent, atol=1e-6)  # imported (renormalised), not re-clustered
+    sha = (run / "cluster" / "centroids.sha256").read_text().strip()
+    assert sha == file_sha256(run / "cluster" / "centroids.npy")
+    # labels = brute-force top-2 of the brought embeddings against the brought centroids
+    for stem in ("part-00000", "part-00001"):
+        x = np.load(emb / "img_emb" / f"{stem}.npy").astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        want = np.argsort(-(x @ stored.T), axis=1, kind="stable")[:, :2]
+        got = read_labels(run / "labels" / f"{stem}.parquet", expected_sha=sha)
+        assert np.array_equal(got.labels, want)
+    mtimes = {p: p.stat().st_mtime_ns for p in (run / "labels").glob("*.parquet")}
+    # started again: everything is complete, nothing is redone
+    res2 = run_pipeline(cfg, stages=("embed", "cluster", "assign"))
+    assert {r["action"] for r in res2["stages"].values()} == {"skip"}
+    assert {p: p.stat().st_mtime_ns for p in (run / "labels").glob("*.parquet")} == mtimes
