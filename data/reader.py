@@ -58,6 +58,8 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
     shard: str = ""
     image_ext: str = ""
+    opened: Image.Image | None = field(default=None, repr=False)
+    """With ``decode=False``: the header-checked, not yet decoded image (see ``load_rgb``)."""
 
 
 class ImageRejected(Exception):
@@ -122,14 +124,18 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Fully decode to RGB; raises :class:`ImageRejected` with the reason."""
-    img = open_image(data, max_pixels)
+def load_rgb(img: Image.Image) -> Image.Image:
+    """Decode the pixels of an image from :func:`open_image`, as RGB; raises ImageRejected."""
     try:
         img.load()
         return to_rgb(img)
     except Exception as e:
         raise ImageRejected("undecodable_image", f"{type(e).__name__}: {e}") from None
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Fully decode to RGB; raises :class:`ImageRejected` with the reason."""
+    return load_rgb(open_image(data, max_pixels))
 
 
 class _TailStream(io.RawIOBase):
@@ -230,14 +236,13 @@ def _finish(
         return None
     data = g.files[ext]
     try:
-        image = decode_image(data, max_pixels) if decode else None
-        if not decode:
-            open_image(data, max_pixels)
+        opened = open_image(data, max_pixels)
+        image = load_rgb(opened) if decode else None
     except ImageRejected as e:
         stats.skip(e.reason, url, g.key, e.detail)
         return None
     stats.kept += 1
-    return Sample(g.key, image, data, caption, meta, url, ext)
+    return Sample(g.key, image, data, caption, meta, url, ext, None if decode else opened)
 
 
 def iter_samples(
