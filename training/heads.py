@@ -42,7 +42,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from megaclass.training.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
@@ -105,23 +104,79 @@ class _Normalize(torch.autograd.Function):
         return (g - y * dot).div_(n)
 
 
+class _GatherNormalize(torch.autograd.Function):
+    """Rows ``rows`` (None = all) and columns ``dims`` (None = all) of ``weight``, L2-normalised,
+    in one copy. The backward returns a *sparse* gradient holding only those rows (pre-sorted,
+    so no coalesce), or a dense one when ``sparse`` is False or every row was taken."""
+
+    @staticmethod
+    def forward(ctx, weight, rows, dims, sparse: bool, dtype: torch.dtype):
+        w = weight if rows is None else weight.index_select(0, rows)
+        if dims is not None:
+            w = w.index_select(1, dims)
+        copied = w is not weight
+        w = w.to(dtype)
+        copied = copied or w.dtype != weight.dtype
+        n = w.norm(dim=1, keepdim=True).clamp_min_(1e-12)
+        y = w.div_(n) if copied else w / n
+        ctx.save_for_backward(y, n, rows, dims)
+        ctx.shape, ctx.wdtype, ctx.sparse = weight.shape, weight.dtype, sparse
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, n, rows, dims = ctx.saved_tensors
+        dot = torch.linalg.vecdot(g, y, dim=1).unsqueeze_(1)
+        gx = torch.addcmul(g, y, dot, value=-1.0).div_(n).to(ctx.wdtype)
+        if dims is not None:
+            full = gx.new_zeros((gx.shape[0], ctx.shape[1]))
+            gx = full.index_copy_(1, dims, gx)
+        if rows is None:
+            return gx, None, None, None, None
+        if ctx.sparse:
+            out = torch.sparse_coo_tensor(
+                rows[None], gx, ctx.shape, is_coalesced=True, check_invariants=False
+            )
+        else:
+            out = gx.new_zeros(ctx.shape).index_copy_(0, rows, gx)
+        return out, None, None, None, None
+
+
+def _cosines(e_n: Tensor, w_n: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
+    """(B, S) cosines (max over the K sub-centres; argmax kept for the backward), clamped."""
+    cos = torch.mm(e_n, w_n.T)
+    arg = None
+    if k > 1:
+        cos, arg = cos.view(cos.shape[0], -1, k).max(dim=2)
+    return cos.clamp_(-1.0, 1.0), arg
+
+
+def _cosines_backward(g: Tensor, e_n: Tensor, w_n: Tensor, k: int, arg: Tensor | None):
+    if k > 1:
+        full = g.new_zeros((g.shape[0], g.shape[1], k))
+        g = full.scatter_(2, arg.unsqueeze(2), g.unsqueeze(2)).view(g.shape[0], -1)
+    return torch.mm(g, w_n), torch.mm(g.T, e_n)
+
+
 class _DistMarginCE(torch.autograd.Function):
     """Softmax cross-entropy over logits split column-wise across ranks.
 
-    Inputs: ``cos`` (B, S) local cosines, ``tgt`` (n,) margined target cosines of the n samples
-    whose class is local (at ``rows``/``cols``). The target entries of ``cos`` are replaced by
+    Inputs: normalised embeddings ``e_n`` (B, D) and local centres ``w_n`` (S·K, D) whose
+    cosines (max over K) form the (B, S) logit block, ``tgt`` (n,) margined target cosines of
+    the n samples whose class is local (at ``rows``/``cols``). The target entries are replaced by
     ``tgt`` (their gradient flows through ``tgt``), filtered negatives get logit 0 and no
     gradient. Returns the mean over the B rows of −log p(target); three all-reduces of B floats.
     """
 
     @staticmethod
-    def forward(ctx, cos, tgt, rows, cols, scale, thresh, group, n_rows):
-        logits = cos * scale
+    def forward(ctx, e_n, w_n, tgt, rows, cols, k, scale, thresh, group, n_rows):
+        logits, arg = _cosines(e_n, w_n, k)
         filt = None
         if thresh is not None:
-            filt = cos > thresh
+            filt = logits > thresh
             filt[rows, cols] = False
             logits.masked_fill_(filt, 0.0)
+        logits.mul_(scale)
         logits[rows, cols] = tgt * scale
         row_max = logits.amax(dim=1)
         all_reduce_(row_max, _MAX, group)
@@ -133,13 +188,13 @@ class _DistMarginCE(torch.autograd.Function):
         sum_exp, z_t = stats[:, 0], stats[:, 1]
         loss = (sum_exp.log() + row_max - z_t).sum() / n_rows
         logits.div_(sum_exp[:, None])
-        ctx.save_for_backward(logits, rows, cols, filt)
-        ctx.scale, ctx.n_rows = scale, n_rows
+        ctx.save_for_backward(e_n, w_n, logits, rows, cols, filt, arg)
+        ctx.scale, ctx.n_rows, ctx.k = scale, n_rows, k
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        p, rows, cols, filt = ctx.saved_tensors
+        e_n, w_n, p, rows, cols, filt, arg = ctx.saved_tensors
         c = g / ctx.n_rows
         p.mul_(c)
         p[rows, cols] -= c
@@ -148,7 +203,8 @@ class _DistMarginCE(torch.autograd.Function):
         if filt is not None:
             p.masked_fill_(filt, 0.0)
         p.mul_(ctx.scale)
-        return p, grad_tgt, None, None, None, None, None, None
+        ge, gw = _cosines_backward(p, e_n, w_n, ctx.k, arg)
+        return ge, gw, grad_tgt, None, None, None, None, None, None, None
 
 
 class _DistMultiLabel(torch.autograd.Function):
@@ -157,9 +213,10 @@ class _DistMultiLabel(torch.autograd.Function):
     positives (``rows``/``cols``) margined (``tgt``); two all-reduces of 2B floats."""
 
     @staticmethod
-    def forward(ctx, cos, tgt, rows, cols, scale, group, n_rows):
-        b = cos.shape[0]
-        z = cos * scale
+    def forward(ctx, e_n, w_n, tgt, rows, cols, k, scale, group, n_rows):
+        z, arg = _cosines(e_n, w_n, k)
+        b = z.shape[0]
+        z.mul_(scale)
         z[rows, cols] = -math.inf
         q = -tgt * scale
         maxes = torch.zeros((b, 2), dtype=z.dtype, device=z.device)  # the "1" term: max ≥ 0
@@ -178,17 +235,18 @@ class _DistMultiLabel(torch.autograd.Function):
         loss = (m_neg + s_neg.log() + m_pos + s_pos.log()).sum() / n_rows
         z.div_(s_neg[:, None])
         w_pos = e_pos / s_pos[rows]
-        ctx.save_for_backward(z, w_pos)
-        ctx.scale, ctx.n_rows = scale, n_rows
+        ctx.save_for_backward(e_n, w_n, z, w_pos, arg)
+        ctx.scale, ctx.n_rows, ctx.k = scale, n_rows, k
         return loss
 
     @staticmethod
     def backward(ctx, g):
-        z, w_pos = ctx.saved_tensors
+        e_n, w_n, z, w_pos, arg = ctx.saved_tensors
         c = g / ctx.n_rows
         grad_cos = z.mul_(c * ctx.scale)  # positives are exactly 0 there (exp(−inf))
         grad_tgt = -w_pos * (c * ctx.scale)
-        return grad_cos, grad_tgt, None, None, None, None, None
+        ge, gw = _cosines_backward(grad_cos, e_n, w_n, ctx.k, arg)
+        return ge, gw, grad_tgt, None, None, None, None, None, None
 
 
 class PartialFC(nn.Module):
@@ -419,23 +477,15 @@ class PartialFC(nn.Module):
         with torch.autocast(device_type=device.type, enabled=False):
             e = emb.to(cdtype)
             norms = e.detach().norm(dim=1)
-            if idx is None:
-                w = self.weight
-            else:
-                wrows = (
-                    idx
-                    if k == 1
-                    else (idx[:, None] * k + torch.arange(k, device=device)).reshape(-1)
-                )
-                w = F.embedding(wrows, self.weight, sparse=self.sparse_grad)
-            w = w.to(cdtype)
+            wrows = None
+            if idx is not None:
+                wrows = idx if k == 1 else (idx[:, None] * k + torch.arange(k, device=device))
+                wrows = wrows.reshape(-1)
             if dims is not None:
                 dims = dims.to(device)
-                e, w = e[:, dims], w[:, dims]
-            e_n, w_n = _Normalize.apply(e), _Normalize.apply(w)
-            cos = e_n @ w_n.T
-            if k > 1:
-                cos = cos.view(n_rows, -1, k).amax(dim=2)
+                e = e[:, dims]
+            e_n = _Normalize.apply(e)
+            w_n = _GatherNormalize.apply(self.weight, wrows, dims, self.sparse_grad, cdtype)
             # Target cosines through a small side path (no B×S scatter in the backward).
             w_t = w_n.view(-1, k, w_n.shape[1])[cols]
             cos_t = (w_t * e_n[rows, None, :]).sum(dim=2).amax(dim=1).clamp(-1.0, 1.0)
@@ -452,9 +502,20 @@ class PartialFC(nn.Module):
             tgt = mg(cos_t, None if params is None else params.to(device)[rows])
 
             if self.multi_label:
-                return _DistMultiLabel.apply(cos, tgt, rows, cols, mg.scale, self.group, n_rows)
+                return _DistMultiLabel.apply(
+                    e_n, w_n, tgt, rows, cols, k, mg.scale, self.group, n_rows
+                )
             return _DistMarginCE.apply(
-                cos, tgt, rows, cols, mg.scale, self.interclass_threshold, self.group, n_rows
+                e_n,
+                w_n,
+                tgt,
+                rows,
+                cols,
+                k,
+                mg.scale,
+                self.interclass_threshold,
+                self.group,
+                n_rows,
             )
 
 
@@ -505,8 +566,12 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                     continue
                 g = p.grad
                 if g.is_sparse:
-                    g = g.coalesce()
-                    rows, vals = g.indices()[0], g.values()
+                    rows, vals = g._indices()[0], g._values()
+                    # One forward's gradient has sorted unique rows already; accumulated
+                    # micro-batches do not, and only they pay for a coalesce.
+                    if not (g.is_coalesced() or bool((rows[1:] > rows[:-1]).all())):
+                        g = g.coalesce()
+                        rows, vals = g.indices()[0], g.values()
                 else:
                     rows, vals = None, g.reshape(p.shape[0], -1).view_as(p)
                 if group["algo"] == "sgd":
@@ -541,13 +606,16 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                 p.add_(d, alpha=-lr)
             return
         w = p.index_select(0, rows)
-        d = vals.add(w, alpha=wd) if wd else vals
-        if mu:
+        if mu:  # buf = μ·buf + g + wd·w ; w -= lr·buf   (torch.optim.SGD's update, rows only)
             buf = st["momentum_buffer"]
-            b = buf.index_select(0, rows).mul_(mu).add_(d)
+            b = buf.index_select(0, rows).mul_(mu).add_(vals)
+            if wd:
+                b.add_(w, alpha=wd)
             buf.index_copy_(0, rows, b)
-            d = b
-        p.index_copy_(0, rows, w.add_(d, alpha=-lr))
+            w.add_(b, alpha=-lr)
+        else:
+            w.mul_(1.0 - lr * wd).add_(vals, alpha=-lr)
+        p.index_copy_(0, rows, w)
 
     def _adamw(self, p: Tensor, rows: Tensor | None, vals: Tensor, group: dict) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
