@@ -573,6 +573,13 @@ def _run_byo(cfg: RunConfig, embed_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def _remove_stale_temporaries(embed_dir: Path) -> None:
+    """Half-written ``.tmp-*`` files of a killed run (never read: final names are renamed to)."""
+    for sub in ("img_emb", "text_emb", "metadata", "_done"):
+        for p in (embed_dir / sub).glob(".tmp-*"):
+            p.unlink(missing_ok=True)
+
+
 def embeddings_location(cfg: RunConfig) -> Path:
     """Where the next stage reads embeddings: ``embed.embeddings_dir`` if set, else RUN/embed."""
     if cfg.embed.embeddings_dir:
@@ -611,6 +618,7 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         if s in stems:
             raise ValueError(f"data.shards: shards {stems[s]!r} and {u!r} share the stem {s!r}")
         stems[s] = u
+    _remove_stale_temporaries(embed_dir)
     signatures = {s: input_signature(u) for s, u in stems.items()}
     todo = [
         (u, s)

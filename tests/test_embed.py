@@ -339,6 +339,7 @@ def test_sigkill_driver_then_resume_gives_identical_files(local_ray, tmp_path):
         str(_write_yaml(tmp_path / "clean.yaml", tmp_path / "clean", shards)), []
     )
     run_embed(clean_cfg)
+    assert not list((killed_dir / "embed").rglob(".tmp-*"))  # killed writes cleaned up
     a, b = _snapshot(killed_dir / "embed"), _snapshot(tmp_path / "clean" / "embed")
     assert sorted(a) == sorted(b) and len(a) == 3 * len(shards)
     for name in a:
