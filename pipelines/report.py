@@ -1012,10 +1012,23 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         "eval_recall": lambda p: plot_recall(stages["eval"], p),
         "eval_dims": lambda p: plot_dims(stages["eval"], p),
     }
+    plot_stage = {
+        "kmeans_objective": "cluster",
+        "cluster_sizes": "cluster",
+        "train_loss_lr": "train",
+        "eval_recall": "eval",
+        "eval_dims": "eval",
+    }
     for name, job in jobs.items():
         path = rd.plots / f"{name}.png"
+        stage_status = stages[plot_stage[name]]["status"]
         try:
-            why = job(path)
+            if stage_status in ("missing", "unreadable") and not (
+                name == "cluster_sizes" and sizes is not None
+            ):
+                why = f"the {plot_stage[name]} stage is {stage_status}"
+            else:
+                why = job(path)
         except Exception as e:  # a plot must never cost the whole report
             log.warning("report: plot %s failed: %s", name, e)
             why = f"plotting failed: {type(e).__name__}: {e}"
