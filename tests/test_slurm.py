@@ -78,6 +78,16 @@ def test_rendered_scripts_pass_bash_n_and_shellcheck(tmp_path, stage):
         assert "ray.scripts.scripts start --head" in script and "--block" in script
 
 
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load_and_render(tmp_path, config):
+    cfg = load_config(config)
+    for stage in STAGES:
+        f = tmp_path / f"{stage}.sbatch"
+        f.write_text(render(cfg, stage, config))
+        res = subprocess.run([SHELLCHECK, str(f)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout
+
+
 def test_render_cpu_cluster_and_no_requeue(tmp_path):
     cfg, path = _cfg(tmp_path, gpus_per_node=0, tasks_per_node=4, cpus_per_task=2, requeue=False)
     script = render(cfg, "train", path)
