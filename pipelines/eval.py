@@ -412,6 +412,7 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         },
         "settings": {**config_to_dict(ec), "device": str(device)},
         "encoders": results,
+        "encoder_order": names,
         "comparison": compare(results),
         "wall_s": round(time.perf_counter() - t_start, 3),
     }

@@ -352,7 +352,14 @@ def read_eval(rd: RunDir) -> dict[str, Any]:
         return _section("missing", note="no RUN/eval/metrics.json")
     status = "complete" if (rd.eval / "_SUCCESS.json").is_file() else "partial"
     encoders = {}
-    for name, r in (m.get("encoders") or {}).items():
+    found = m.get("encoders") or {}
+    # metrics.json is written with sorted keys: restore the config order (teacher, student first)
+    order = [n for n in m.get("encoder_order") or [] if n in found]
+    order += sorted(
+        (n for n in found if n not in order), key=lambda n: (n != "teacher", n != "student", n)
+    )
+    for name in order:
+        r = found[name]
         encoders[name] = {
             **_pick(r, "kind", "spec", "dim", "images_per_s", "compact_skipped"),
             "full": r.get("full") or {},
@@ -416,6 +423,9 @@ def plot_objective(cl: dict[str, Any], path: Path) -> str | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     ax.plot(np.arange(1, len(y) + 1), y, marker="o", ms=3)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
     ax.set_ylabel(
         "mean cosine to centroid" if cl.get("objective_per_point") else "Σ cosine to centroid"
@@ -478,6 +488,10 @@ def plot_train(records: list[dict[str, Any]], path: Path) -> str | None:
         color="#c44e52",
         marker="." if len(ls) < 50 else None,
     )
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (a1, a2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     a1.set_xlabel("step")
     a1.set_ylabel("loss")
     a1.set_title("training loss")
