@@ -123,6 +123,28 @@ def _decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, bits.view(torch.float32)
 
 
+def _block_topk_keys(sims: torch.Tensor, g0: int, k: int) -> torch.Tensor:
+    """Sort keys of the k best columns of one block, exact under ties.
+
+    A float top-(k+1) finds the candidates cheaply; a row whose k-th and (k+1)-th values are
+    equal has a tie across the cut, where the float top-k's choice among equal values is
+    arbitrary, so only such rows are redone with integer keys over the whole block.
+    """
+    g = sims.shape[1]
+    if k >= g:
+        cols = torch.arange(g0, g0 + g, device=sims.device, dtype=torch.int64)
+        return _sort_keys(sims, cols.expand_as(sims))
+    vals, idx = torch.topk(sims, k + 1, dim=1, sorted=True)
+    keys = _sort_keys(vals[:, :k].contiguous(), idx[:, :k] + g0)
+    tied = vals[:, k - 1] == vals[:, k]
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        cols = torch.arange(g0, g0 + g, device=sims.device, dtype=torch.int64)
+        full = _sort_keys(sims[rows], cols.expand(len(rows), g))
+        keys[rows] = torch.topk(full, k, dim=1, sorted=False).values
+    return keys
+
+
 def iter_topk(
     x: torch.Tensor, k: int, chunk_size: int = 4096
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -153,8 +175,7 @@ def iter_topk(
             inside = (cols >= 0) & (cols < g1 - g0)
             if inside.any():
                 sims[rows[inside], cols[inside]] = float("-inf")
-            keys = _sort_keys(sims, torch.arange(g0, g1, device=dev, dtype=torch.int64))
-            top = torch.topk(keys, min(k, g1 - g0), dim=1, sorted=False).values
+            top = _block_topk_keys(sims, g0, k)
             if best is not None:
                 top = torch.cat([best, top], dim=1)
             best = torch.topk(top, min(k, top.shape[1]), dim=1, sorted=True).values
