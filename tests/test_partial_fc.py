@@ -393,3 +393,31 @@ def test_bf16_autocast_is_stable():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert torch.isfinite(xb.grad.float()).all()
     assert abs(loss.item() - ref.item()) < 0.05 * abs(ref.item())  # bf16 inputs only
+
+
+def test_gradient_accumulation_sparse_equals_dense():
+    """Two micro-batches before one step: the accumulated sparse gradient (overlapping, unsorted
+    rows -> coalesced) gives the same update as the dense-gradient head with torch's SGD."""
+    heads = [
+        PartialFC(300, 8, sample_rate=0.1, margin="cosface", m=0.35, scale=16, sparse_grad=sp)
+        for sp in (True, False)
+    ]
+    heads[1].load_state_dict(heads[0].state_dict())
+    opts = [
+        # no momentum/decay: torch's SGD would move unsampled rows otherwise (v2 semantics)
+        heads[0].make_optimizer("sgd", lr=0.5, momentum=0.0, weight_decay=0.0),
+        torch.optim.SGD(heads[1].parameters(), lr=0.5),
+    ]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        data = [
+            (torch.randn(6, 8, generator=g), torch.randint(0, 300, (6,), generator=g))
+            for _ in range(2)
+        ]
+        for head, opt in zip(heads, opts):
+            opt.zero_grad()
+            for x, y in data:
+                head(x, y).backward()
+            opt.step()
+    assert heads[0].weight.grad.is_sparse and not heads[1].weight.grad.is_sparse
+    assert torch.allclose(heads[0].weight, heads[1].weight, atol=1e-6)
