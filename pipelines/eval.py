@@ -164,7 +164,10 @@ class LoadedEncoder:
 def load_encoder_for_eval(spec: EncoderSpec, device: torch.device) -> LoadedEncoder:
     """Load the weights named by ``spec`` on ``device`` (eval mode, no gradients)."""
     if spec.kind in ("teacher", "model"):
+        from megaclass.training.encoders import register_tiny_configs
         from megaclass.training.teachers import load_teacher
+
+        register_tiny_configs()  # the student's tiny test architectures, for their open_clip export
 
         teacher = load_teacher(
             spec.model, "none", spec.pretrained, device=device, image_size=spec.image_size

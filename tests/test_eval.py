@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +64,11 @@ def exported_student(tmp_path_factory):
     from megaclass.training.export import export_encoder
 
     torch.manual_seed(0)
-    model = build_student(TrainConfig(model="open_clip:megaclass-tiny-vit", embed_dim=24))
+    # embed_dim = the tiny ViT's width: the exporter also writes an open_clip state dict
+    model = build_student(TrainConfig(model="open_clip:megaclass-tiny-vit", embed_dim=32))
     out = tmp_path_factory.mktemp("export")
     export_encoder(model, out)
+    assert (out / "open_clip_model.safetensors").is_file()
     return out
 
 
@@ -89,7 +92,15 @@ def test_eval_teacher_and_exported_student(tmp_path, eval_data, exported_student
     from megaclass.training.teachers import load_teacher
 
     run = tmp_path / "run"
-    cfg = _cfg(run, eval_data["spec"], ["teacher", f"student={exported_student}"])
+    shutil.copytree(exported_student, run / "export")  # as the train stage leaves it
+    clip_file = exported_student / "open_clip_model.safetensors"
+    encoders = [
+        "teacher",
+        "student",
+        f"copy={exported_student}",
+        f"oc=open_clip:megaclass-tiny-vit@{clip_file}",
+    ]
+    cfg = _cfg(run, eval_data["spec"], encoders)
     summary = run_eval(cfg)
 
     # files in the contract layout
@@ -100,7 +111,10 @@ def test_eval_teacher_and_exported_student(tmp_path, eval_data, exported_student
     es = metrics["eval_set"]
     assert es["n"] == eval_data["n"] and es["classes"] == 6
     assert es["read"]["skipped"] == {"missing_class": 1}
-    assert set(metrics["encoders"]) == {"teacher", "student"}
+    assert set(metrics["encoders"]) == {"teacher", "student", "copy", "oc"}
+    assert metrics["encoder_order"] == ["teacher", "student", "copy", "oc"]
+    assert metrics["encoders"]["student"]["kind"] == "student"
+    assert metrics["encoders"]["copy"]["kind"] == "path"
 
     # stored features equal an independent forward pass of each encoder over the same images
     teacher = load_teacher("open_clip:megaclass-tiny", "none")
@@ -127,7 +141,14 @@ def test_eval_teacher_and_exported_student(tmp_path, eval_data, exported_student
         )
     zs = np.load(run / "eval" / "features" / "student.npz")
     np.testing.assert_allclose(zs["x"][:5], ref_s.numpy(), atol=1e-5)
-    assert zs["x"].shape == (eval_data["n"], 24) and z["x"].shape == (eval_data["n"], 32)
+    assert zs["x"].shape == (eval_data["n"], 32) and z["x"].shape == (eval_data["n"], 32)
+    # RUN/export (kind 'student') and the same export by path give the same features
+    zc = np.load(run / "eval" / "features" / "copy.npz")
+    np.testing.assert_array_equal(zc["x"], zs["x"])
+    # the exported open_clip state dict carries the trained tower: open_clip's own preprocessing
+    # differs slightly (bicubic resize), so the features agree closely rather than exactly
+    zo = np.load(run / "eval" / "features" / "oc.npz")
+    assert float((zo["x"] * zs["x"]).sum(1).mean()) > 0.9
 
     # metrics are those of the metrics library on the stored features
     ref = evaluate_features(z["x"], z["classes"].tolist(), (1, 2, 4, 8), 3, [16], 4096)
@@ -150,14 +171,30 @@ def test_eval_teacher_and_exported_student(tmp_path, eval_data, exported_student
     assert "Δ student−teacher" in out and "R@1" in out and "mAP@R" in out and "kNN@3" in out
     assert summary["encoders"]["teacher"]["cached"] is False
 
-    # a second run reuses both encoders' features (fingerprints unchanged) with equal numbers
+    # a second run reuses every encoder's features (fingerprints unchanged) with equal numbers
     again = run_eval(cfg)
-    assert again["encoders"]["teacher"]["cached"] and again["encoders"]["student"]["cached"]
+    assert all(again["encoders"][n]["cached"] for n in ("teacher", "student", "copy", "oc"))
     for name in ("teacher", "student"):
         new, old = again["encoders"][name]["full"], metrics["encoders"][name]["full"]
         assert {k: v for k, v in new.items() if k != "seconds"} == {
             k: v for k, v in old.items() if k != "seconds"
         }
+
+    # a retrained student (new export in RUN/export) is embedded again; the others are reused
+    from megaclass.pipelines.config import TrainConfig
+    from megaclass.training.encoders import build_student
+    from megaclass.training.export import export_encoder
+
+    torch.manual_seed(1)
+    export_encoder(
+        build_student(TrainConfig(model="open_clip:megaclass-tiny-vit", embed_dim=32)),
+        run / "export",
+    )
+    third = run_eval(cfg)
+    assert third["encoders"]["student"]["cached"] is False
+    assert all(third["encoders"][n]["cached"] for n in ("teacher", "copy", "oc"))
+    z3 = np.load(run / "eval" / "features" / "student.npz")["x"]
+    assert np.abs(z3 - zs["x"]).max() > 1e-3
 
 
 def test_open_clip_spec_and_errors(tmp_path, eval_data):
