@@ -65,6 +65,7 @@ def _gemm_floor(b: int, s: int, d: int, reps: int) -> float:
 
 
 def _worker(rank: int, world: int, port: int, args, rate: float, queue) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world

@@ -3,10 +3,12 @@
 Everything here degrades to the identity on one process, including when torch.distributed is
 not initialised at all, so the heads run unchanged on a laptop.
 
-Gradient convention used by the callers (see heads.py / losses.py): every rank's gradient with
-respect to its *local* features equals ``world_size × ∂L/∂x`` where L is the loss over the global
-batch; a trainer that averages backbone gradients over ranks (DDP / DeepSpeed) then ends up with
-exactly ∂L/∂θ.
+Gradient conventions of the callers: PartialFC's loss is the global-batch mean, identical on
+every rank, and its all-gather backward gives each rank exactly ∂L/∂x for its local rows (a
+trainer that averages backbone gradients over W ranks back-propagates W·L, or sets the head's
+``grad_average=True`` to have the factor W applied here). SigLIP's per-rank loss covers the
+rank's own rows, its mean over ranks is the global loss, and the exchange / gather backward
+then gives each rank W·∂L/∂x: plain DDP-style averaging is exact.
 """
 
 from __future__ import annotations
