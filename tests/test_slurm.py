@@ -190,6 +190,96 @@ class _Job:
                 pass
 
 
+STAND_IN_TRAINER = r"""
+import json, os, signal, sys, time
+import yaml
+run = yaml.safe_load(open(sys.argv[-1]))["run_dir"]
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+ck = os.path.join(run, "train", "ckpt.json")
+step = json.load(open(ck))["step"] if os.path.exists(ck) else 0
+stop = []
+signal.signal(signal.SIGUSR1, lambda *a: stop.append(1))
+log = open(os.path.join(run, "train", f"steps-{rank}.log"), "a")
+print(f"start {step} restart={os.environ.get('SLURM_RESTART_COUNT')}", file=log, flush=True)
+while step < 40:
+    time.sleep(0.05)
+    step += 1
+    print(step, file=log, flush=True)
+    if stop:
+        if rank == 0:
+            json.dump({"step": step}, open(ck + ".tmp", "w")); os.replace(ck + ".tmp", ck)
+        sys.exit(0)
+if rank == 0:
+    json.dump({"steps": step}, open(os.path.join(run, "train", "_SUCCESS.json"), "w"))
+"""
+
+
+def test_train_script_wiring_ranks_usr1_requeue_resume_with_a_stand_in_trainer(tmp_path):
+    """Fast check of the script's own logic; the slow test below runs the real trainer."""
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    state = tmp_path / "state"
+    state.mkdir()
+    bin_dir = slurm_standins.install(tmp_path / "bin")
+    (bin_dir / "trainer.py").write_text(STAND_IN_TRAINER)
+    probe = bin_dir / "python-probe"
+    probe.write_text(
+        "#!/bin/bash\n"
+        'if [ "$2" = megaclass.pipelines.train ]; then\n'
+        '  echo "$RANK $LOCAL_RANK $WORLD_SIZE $MASTER_ADDR $MASTER_PORT $SLURM_RESTART_COUNT $MEGACLASS_SETUP_RAN" >> "$STANDIN_DIR/rank-env.log"\n'
+        f'  exec {PY} {bin_dir / "trainer.py"} "$3"\n'
+        "fi\n"
+        f'exec {PY} "$@"\n'
+    )
+    probe.chmod(0o755)
+    cfg, _ = _cfg(
+        tmp_path,
+        nodes=2,
+        gpus_per_node=0,
+        tasks_per_node=2,
+        cpus_per_task=1,
+        python=str(probe),
+        setup=["export MEGACLASS_SETUP_RAN=yes"],
+    )
+    cfg.run_dir = str(run)
+    script = tmp_path / "train.sbatch"
+    script.write_text(render(cfg, "train", None))
+    job_id = 4242
+    env = _clean_env(
+        bin_dir, state, STANDIN_JOB_ID=str(job_id), STANDIN_NODELIST="localhost,127.0.0.1"
+    )
+    out = run / "slurm" / f"megaclass-train-{job_id}.out"
+    logs = [out, state / "slurmd.err"]
+    job = _Job(script, env, state)
+    steps0 = run / "train" / "steps-0.log"
+    try:
+        _wait_for(
+            lambda: steps0.exists() and len(steps0.read_text().splitlines()) >= 5, 60, "steps", logs
+        )
+        os.kill(job.batch_pid(0), signal.SIGUSR1)
+        _wait_for(lambda: (state / "finished").exists(), 60, "the job to end", logs)
+    finally:
+        job.kill_all()
+    assert [(state / f"batch-{r}.rc").read_text() for r in (0, 1)] == ["0", "0"]
+    assert (state / "scontrol.log").read_text() == f"requeue {job_id} restart=0\n"
+    ck = json.loads((run / "train" / "ckpt.json").read_text())["step"]
+    lines = steps0.read_text().splitlines()
+    starts = [x for x in lines if x.startswith("start")]
+    assert starts == ["start 0 restart=0", f"start {ck} restart=1"]  # resumed from the checkpoint
+    assert json.loads((run / "train" / "_SUCCESS.json").read_text()) == {"steps": 40}
+    # 2 nodes x 2 tasks: RANK 0..3, LOCAL_RANK 0,1 per node, WORLD_SIZE 4, master = first host
+    seen = sorted(tuple(x.split()) for x in (state / "rank-env.log").read_text().splitlines())
+    port = str(20000 + job_id % 20000)
+    want = [
+        (str(r), str(r % 2), "4", "localhost", port, str(k), "yes")
+        for r in range(4)
+        for k in (0, 1)
+    ]
+    assert seen == sorted(want)
+    text = out.read_text()
+    assert "USR1: sending USR1" in text and text.count("requeueing job") == 1
+
+
 def _tiny_train_run(root: Path):
     """Shards + centroids + label sidecars for a 2-rank run of the real trainer."""
     from megaclass.data.labels import file_sha256, write_labels
