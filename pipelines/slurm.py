@@ -90,7 +90,7 @@ def _check(cfg: RunConfig, stage: str) -> None:
             "ray.num_cpus / ray.object_store_memory: must be unset for Slurm jobs (the stages "
             "join the job's Ray cluster through RAY_ADDRESS; size it with slurm.cpus_per_task)"
         )
-    if cfg.ray.address:
+    if stage in (*RAY_STAGES, "run") and cfg.ray.address:
         raise ConfigError(
             "ray.address: must be unset for Slurm jobs; the job starts its own Ray cluster "
             "and sets RAY_ADDRESS"
