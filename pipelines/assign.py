@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,9 @@ def load_tree(cluster_dir: Path, k: int):  # noqa: ANN201
 class AssignActor:
     """Ray Data callable class: centroids and search index are built once per actor."""
 
-    def __init__(self, cfg: RunConfig, centroid_path: str, sha: str, embed_dir: str) -> None:
+    def __init__(
+        self, cfg: RunConfig, centroid_path: str, sha: str, embed_dir: str, driver_pid: int = 0
+    ) -> None:
         import torch
         from megaclass.clustering.search import CentroidSearcher
 
@@ -85,6 +88,7 @@ class AssignActor:
         self.cfg, self.sha, self.embed_dir = cfg, sha, Path(embed_dir)
         self.out = RunDir(cfg.run_dir).labels
         self.settings = _settings(cfg, sha)
+        self.driver_pid = driver_pid
 
     def assign_stem(self, stem: str) -> dict[str, Any]:
         a = self.cfg.assign
@@ -110,6 +114,10 @@ class AssignActor:
         low = int((scores[:, 0] < a.low_score_threshold).sum()) if n else 0
         rec = dict(self.settings, rows=n, low_score=low, seconds=time.perf_counter() - t0)
         RunDir.write_done(self.out, stem, rec)
+        if "MEGACLASS_FAULT" in os.environ:  # kill-and-resume tests only
+            maybe_die(
+                "assign_done", len(list((self.out / "_done").glob("*.json"))), self.driver_pid
+            )
         return rec
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -185,25 +193,28 @@ def run_assign(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         (out / "_SUCCESS.json").unlink(missing_ok=True)  # incomplete until the end
         ensure_ray(cfg)
         ds = ray.data.from_items([{"stem": s} for s in todo], override_num_blocks=len(todo))
+        fault = os.environ.get("MEGACLASS_FAULT")  # kill-and-resume tests: reach the actors too
+        remote_args = {"runtime_env": {"env_vars": {"MEGACLASS_FAULT": fault}}} if fault else {}
         ds = ds.map_batches(
             AssignActor,
             batch_size=1,
-            concurrency=a.concurrency,
+            compute=ray.data.ActorPoolStrategy(size=a.concurrency),
             num_cpus=a.num_cpus_per_actor,
             fn_constructor_kwargs={
                 "cfg": cfg,
                 "centroid_path": str(cpath),
                 "sha": sha,
                 "embed_dir": str(embed_dir),
+                "driver_pid": os.getpid(),
             },
+            **remote_args,
         )
         from tqdm import tqdm
 
         with tqdm(total=len(todo), desc="assign", unit="shard", mininterval=2) as bar:
-            for i, row in enumerate(ds.iter_rows(), start=1):
+            for row in ds.iter_rows():
                 rows_done += int(row["rows"])
                 bar.update(1)
-                maybe_die("assign_shards", i)
     seconds = time.perf_counter() - t0
     summary = {
         "k": k,
