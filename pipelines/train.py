@@ -94,23 +94,19 @@ def export_run(cfg: RunConfig, rd: RunDir, summary: dict[str, Any], model: Any) 
 
 
 def _launch_local(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
-    """Start ``deepspeed --num_gpus nproc`` on this module with the resolved config."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        str(cfg.train.nproc),
-        "--master_port",
-        str(_free_port()),
-        "--module",
-        "megaclass.pipelines.train",
-        str(rd.config_path),
-    ]
+    """Start ``train.nproc`` ranks on this machine (torchrun or the deepspeed launcher)."""
+    n, port = str(cfg.train.nproc), str(_free_port())
+    if cfg.train.launcher == "deepspeed":
+        head = ["-m", "deepspeed.launcher.runner", "--num_gpus", n, "--master_port", port]
+        head += ["--module", "megaclass.pipelines.train"]
+    else:
+        head = ["-m", "torch.distributed.run", "--nproc_per_node", n, "--master_port", port]
+        head += ["-m", "megaclass.pipelines.train"]
+    cmd = [sys.executable, *head, str(rd.config_path)]
     log.info("launching: %s", " ".join(cmd))
     res = subprocess.run(cmd)
     if res.returncode != 0:
-        raise RuntimeError(f"the deepspeed launcher exited with {res.returncode}: {' '.join(cmd)}")
+        raise RuntimeError(f"the training ranks exited with {res.returncode}: {' '.join(cmd)}")
     success = rd.train / "_SUCCESS.json"
     if success.is_file():
         import json

@@ -155,7 +155,8 @@ def model_card(
 def load_encoder(path_or_run_dir: str | Path) -> tuple[nn.Module, Any]:
     """(encoder in eval mode, its eval transform) from an export or a run directory.
 
-    Accepts ``encoder.safetensors``, a folder holding it (``RUN/export``), or a run directory:
+    Accepts ``encoder.safetensors``, a folder holding it (``RUN/export``), a checkpoint folder
+    (``RUN/train/ckpt/step-N``), or a run directory:
     there ``RUN/export/encoder.safetensors`` if present, else the newest complete checkpoint in
     ``RUN/train/ckpt`` (so eval can run on an unfinished training run).
     """
@@ -164,8 +165,10 @@ def load_encoder(path_or_run_dir: str | Path) -> tuple[nn.Module, Any]:
     for f in cand:
         if f.is_file():
             return _load_export(f)
-    from megaclass.training.checkpoint import latest_complete, read_marker
+    from megaclass.training.checkpoint import MARKER, latest_complete, read_marker
 
+    if (p / MARKER).is_file():  # a checkpoint folder itself
+        return _load_checkpoint(p, read_marker(p))
     ck = latest_complete(p / "train" / "ckpt") if p.is_dir() else None
     if ck is not None:
         return _load_checkpoint(ck, read_marker(ck))

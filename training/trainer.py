@@ -112,11 +112,16 @@ def train(cfg: RunConfig, **setup_kw: Any) -> dict[str, Any]:
         micro = 0
         while micro < tc.grad_accum:
             t0 = time.perf_counter()
-            try:
-                batch = next(data_iter)
-            except StopIteration:  # end of an epoch: the loader starts the next one
+            batch = next(data_iter, None)
+            if batch is None:  # end of this rank's epoch: the loader starts the next one
                 data_iter = iter(st.loader)
-                batch = next(data_iter)
+                batch = next(data_iter, None)
+                if batch is None:
+                    raise ConfigError(
+                        f"rank {env.rank}: the loader yields no full batch of "
+                        f"{tc.micro_batch_size} in an epoch (too few shards/samples for "
+                        f"{env.world_size} ranks; use data.resampled=true or more shards)"
+                    )
             window.wait += time.perf_counter() - t0
             loss = forward_loss(st, batch)
             # one tiny all-reduce: any rank non-finite? any rank asked to stop?
@@ -142,6 +147,10 @@ def train(cfg: RunConfig, **setup_kw: Any) -> dict[str, Any]:
                     )
                 continue
             boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:  # the LR this step uses (the schedule advances inside engine.step)
+                st.extra["lr"] = engine.get_lr()[0]
+                if st.head_opt is not None:
+                    st.extra["head_lr"] = st.head_opt.param_groups[0]["lr"]
             engine.backward(loss)
             if boundary and (st.step + 1) % tc.log_every == 0 and tc.zero_stage == 0:
                 st.extra["grad_norm"] = _grad_norm(st.model)  # DeepSpeed reports none at stage 0
@@ -203,7 +212,7 @@ def forward_loss(st: TrainState, batch: dict[str, Any]) -> torch.Tensor:
     if tc.objective == "siglip":
         from megaclass.training.losses import siglip_loss
 
-        tokens = st.model.text.tokenize(list(batch["text"])).to(st.env.device)
+        tokens = st.model.text.tokenize(list(batch["caption"])).to(st.env.device)
         img, txt = st.engine(images, tokens)
         m = st.engine.module
         return siglip_loss(
@@ -213,11 +222,8 @@ def forward_loss(st: TrainState, batch: dict[str, Any]) -> torch.Tensor:
             m.logit_bias.float(),
         )
     emb = st.engine(images).float()
-    if tc.objective == "mlcd":
-        labels = batch["labels"][:, : tc.num_positive_labels]
-    else:
-        labels = batch["cls"]
-    return st.head(emb, labels.to(st.env.device))
+    # pfc: (B,) top-1 labels; mlcd: (B, l) top-l labels (the loader slices them)
+    return st.head(emb, batch["label"].to(st.env.device))
 
 
 def head_grad_prepare(st: TrainState) -> None:
@@ -325,7 +331,12 @@ def save(st: TrainState) -> Path:
         head_rng=ckpt.generator_states(st.head) if st.head is not None else {},
         rng=ckpt.rng_state(),
         loader=st.loader.state_dict() if hasattr(st.loader, "state_dict") else None,
-        trainer={"step": st.step, "samples": st.samples, "bad_total": st.bad_total},
+        trainer={
+            "step": st.step,
+            "samples": st.samples,
+            "bad_total": st.bad_total,
+            "backbone_checksum": backbone_checksum(st.model),
+        },
     )
     info = {
         "num_classes": st.num_classes,
@@ -395,26 +406,39 @@ def build_head(cfg: RunConfig, env: DistEnv, num_classes: int) -> nn.Module:
 
 
 def build_loader(cfg: RunConfig, env: DistEnv, transform: Callable) -> Any:
-    """The streaming shard loader with label sidecars joined by key (megaclass.data.loader)."""
+    """The streaming shard loader with label sidecars joined by key (megaclass.data.loader).
+
+    ``drop_last``: the model-parallel head needs the same batch size on every rank. Ranks may
+    see different numbers of batches per epoch; that is fine — the trainer counts optimizer
+    steps, and each rank simply starts its next epoch when its share runs out.
+    """
     from megaclass.data.loader import TrainLoader
 
-    labels_dir = cfg.assign.labels_dir or str(RunDir(cfg.run_dir).labels)
-    if cfg.train.objective == "siglip" and not Path(labels_dir).is_dir():
-        labels_dir = None  # SigLIP needs captions only
+    tc = cfg.train
     if not cfg.data.shards:
         raise ConfigError("data.shards: empty; the train stage needs training shards")
+    labels_dir = None
+    if tc.objective != "siglip":  # SigLIP trains on captions, no labels needed
+        labels_dir = cfg.assign.labels_dir or str(RunDir(cfg.run_dir).labels)
+        if not Path(labels_dir).is_dir():
+            raise ConfigError(
+                f"train.objective={tc.objective!r} needs label sidecars, but {labels_dir} does "
+                "not exist: run `megaclass assign` first (or set assign.labels_dir)"
+            )
     return TrainLoader(
         cfg.data.shards,
-        labels_dir=labels_dir,
-        expected_sha=expected_centroid_sha(cfg),
-        batch_size=cfg.train.micro_batch_size,
-        transform=transform,
+        tc.micro_batch_size,
         rank=env.rank,
         world_size=env.world_size,
         num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        transform=transform,
+        labels_dir=labels_dir,
+        centroid_sha=expected_centroid_sha(cfg) if labels_dir else None,
+        num_labels=tc.num_positive_labels if tc.objective == "mlcd" else None,
         shuffle_buffer=cfg.data.shuffle_buffer,
         resampled=cfg.data.resampled,
-        seed=cfg.seed,
+        drop_last=True,
         max_pixels=cfg.data.max_image_pixels,
     )
 
@@ -445,6 +469,18 @@ def _engine_loss_scale(engine: Any) -> float:
 
 def _engine_overflowed(engine: Any) -> bool:
     return bool(getattr(engine.optimizer, "overflow", False)) if engine.fp16_enabled() else False
+
+
+def backbone_checksum(model: nn.Module) -> list[float]:
+    """(Σw, Σw²) over the replicated parameters in float64: equal on every rank when the
+    backbone is in sync (saved per rank; a cheap check that nothing diverged)."""
+    s1 = torch.zeros((), dtype=torch.float64)
+    s2 = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        d = p.detach().double()
+        s1 += d.sum().cpu()
+        s2 += d.pow(2).sum().cpu()
+    return [float(s1), float(s2)]
 
 
 def _grad_norm(model: nn.Module) -> float:
@@ -488,8 +524,8 @@ class _Window:
         return {
             "step": st.step,
             "loss": loss,
-            "lr": st.engine.get_lr()[0],
-            "head_lr": st.head_opt.param_groups[0]["lr"] if st.head_opt is not None else None,
+            "lr": st.extra.get("lr"),
+            "head_lr": st.extra.get("head_lr"),
             "samples_per_s": self.steps * global_batch / dt,
             "data_wait_share": self.wait / dt,
             "grad_norm": float(gn) if gn is not None else None,
