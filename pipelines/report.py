@@ -120,6 +120,12 @@ def read_config(rd: RunDir) -> dict[str, Any]:
     )
 
 
+def _top_shards(by_shard: dict[str, dict[str, int]], n: int = 20) -> dict[str, dict[str, int]]:
+    """The ``n`` shards with the most skipped samples (a 40k-shard run would bloat the report)."""
+    total = {s: sum(int(v) for v in c.values()) for s, c in by_shard.items()}
+    return {s: by_shard[s] for s in sorted(total, key=lambda s: (-total[s], s))[:n]}
+
+
 def read_embed(rd: RunDir) -> dict[str, Any]:
     s, err = _read_json(rd.embed / "_SUCCESS.json")
     if err:
@@ -136,7 +142,8 @@ def read_embed(rd: RunDir) -> dict[str, Any]:
             shards_failed=s.get("shards_failed"),
             skipped=s.get("skipped") or {},
             skipped_total=s.get("skipped_total", 0),
-            skipped_by_shard=s.get("skipped_by_shard") or {},
+            skipped_by_shard=_top_shards(s.get("skipped_by_shard") or {}),
+            failed_shards=s.get("failed") or {},
             samples_per_s=s.get("samples_per_s"),
             wall_s=s.get("wall_s"),
             image_teacher=teacher.get("image_teacher"),
@@ -146,16 +153,23 @@ def read_embed(rd: RunDir) -> dict[str, Any]:
             embeddings_dir=s.get("embeddings_dir"),
         )
     recs = _done_records(rd.embed)
-    if not recs:
+    failed, _ = _read_json(rd.embed / "_FAILED.json")
+    if not recs and not failed:
         return _section("missing", note="no RUN/embed/_SUCCESS.json and no finished shard")
+    fail_note = ""
+    if failed and failed.get("failed"):
+        fail_note = (
+            f"; {len(failed['failed'])} shard(s) failed after retries (RUN/embed/_FAILED.json)"
+        )
     skipped: dict[str, int] = {}
     for r in recs:
         for reason, n in ((r.get("stats") or {}).get("skipped") or {}).items():
             skipped[reason] = skipped.get(reason, 0) + int(n)
     return _section(
         "partial",
-        note=f"{len(recs)} shard(s) embedded, stage not finished (no _SUCCESS.json)",
+        note=f"{len(recs)} shard(s) embedded, stage not finished (no _SUCCESS.json){fail_note}",
         shards_done=len(recs),
+        failed_shards=(failed or {}).get("failed") or {},
         rows=sum(int(r.get("rows", 0)) for r in recs),
         skipped=skipped,
         skipped_total=sum(skipped.values()),
@@ -855,6 +869,11 @@ def render_md(report: dict[str, Any]) -> str:
             lines += _md_table(
                 ["reason", "samples"], [[k, str(v)] for k, v in sorted(sec["skipped"].items())]
             ) + [""]
+        if stage == "embed" and sec.get("failed_shards"):
+            lines += ["Failed shards:", ""]
+            lines += _md_table(
+                ["shard", "error"], [[k, str(v)] for k, v in sorted(sec["failed_shards"].items())]
+            ) + [""]
         if stage == "eval":
             header, rows = eval_table(sec)
             if rows:
@@ -958,6 +977,14 @@ def render_html(report: dict[str, Any], plot_dir: Path) -> str:
                 table(
                     ["skipped: reason", "samples"],
                     [[k, str(v)] for k, v in sorted(sec["skipped"].items())],
+                )
+            )
+        if stage == "embed" and sec.get("failed_shards"):
+            out.append(
+                table(
+                    ["failed shard", "error"],
+                    [[k, str(v)] for k, v in sorted(sec["failed_shards"].items())],
+                    99,
                 )
             )
         if stage == "eval":

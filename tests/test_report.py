@@ -264,7 +264,12 @@ def test_report_cluster_sizes_from_labels(tmp_path):
 
 def test_report_partial_run_says_what_is_missing(tmp_path):
     run = make_run(tmp_path / "run", {"cluster", "train_partial"})
+    write_json_atomic(
+        run / "embed" / "_FAILED.json", {"failed": {"/data/bad-000009.tar": "ray: worker died"}}
+    )
     rep = build_report(run)
+    assert "1 shard(s) failed after retries" in rep["stages"]["embed"]["note"]
+    assert rep["stages"]["embed"]["failed_shards"] == {"/data/bad-000009.tar": "ray: worker died"}
     st = rep["stages"]
     assert st["embed"]["status"] == "partial" and st["embed"]["shards_done"] == 2
     assert st["embed"]["skipped"] == {"undecodable_image": 2, "missing_caption": 1}
@@ -279,7 +284,8 @@ def test_report_partial_run_says_what_is_missing(tmp_path):
     assert "missing" in rep["plots"]["eval_recall"] and "missing" in rep["plots"]["eval_dims"]
     md = (run / "report.md").read_text()
     assert "Incomplete run — stages not complete: embed, assign, train, eval" in md
-    assert "Recall@K per encoder: not available" in md
+    assert "Recall@K per encoder: not available — the eval stage is missing" in md
+    assert "| /data/bad-000009.tar | ray: worker died |" in md
     html_text = (run / "report.html").read_text()
     assert "Incomplete run" in html_text and html_text.count("data:image/png;base64,") == 3
     # a later rebuild after eval finished drops the "missing" entry and adds its plots
