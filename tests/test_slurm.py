@@ -472,6 +472,18 @@ def test_ray_script_starts_a_two_node_cluster_and_runs_the_stage_on_it(tmp_path)
     assert all(f"--temp-dir=/tmp/ray-{job_id}" in s["cmd"] for s in starts)
     summary = json.loads((run / "labels" / "_SUCCESS.json").read_text())
     assert summary["rows"] == 80 and summary["topk"] == 2
+    # the labels the cluster's actors wrote are the brute-force top-2
+    from megaclass.data.labels import read_labels
+
+    cent = np.load(run / "cluster" / "centroids.npy")
+    sha = (run / "cluster" / "centroids.sha256").read_text().strip()
+    for stem in ("part-00000", "part-00001"):
+        x = np.load(emb / "img_emb" / f"{stem}.npy").astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        want = np.argsort(-(x @ cent.T), axis=1, kind="stable")[:, :2]
+        assert np.array_equal(
+            read_labels(run / "labels" / f"{stem}.parquet", expected_sha=sha).labels, want
+        )
     # the cluster was stopped: nothing of this job's Ray is left running
     for s in starts:
         assert not _alive(s["pid"])
