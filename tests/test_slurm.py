@@ -148,7 +148,9 @@ def _clean_env(bin_dir: Path, state: Path, **extra) -> dict[str, str]:
     drop = ("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "RAY_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update(
-        PATH=f"{bin_dir}{os.pathsep}{Path(PY).parent}{os.pathsep}{env.get('PATH', '')}",
+        # only the stand-ins are added: a second ninja on PATH (the venv's) would make torch
+        # rebuild DeepSpeed's cached CPU op for every other process on the machine
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
         STANDIN_DIR=str(state),
         DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1",
