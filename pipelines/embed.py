@@ -505,6 +505,9 @@ def _run_pass(
             if row["error"]:
                 p.error = p.error or str(row["error"])
                 p.exhausted = p.exhausted or not bool(row["retryable"])
+                p.chunks.clear()  # this attempt is void: keep no vectors in memory for it
+            elif p.error:
+                continue
             else:
                 p.chunks[int(row["chunk"])] = row
                 totals["samples"] += int(row["n"])
