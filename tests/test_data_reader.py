@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 
 import pytest
 import webdataset as wds
@@ -100,3 +101,27 @@ def test_failing_pipe_is_counted(tmp_path):
     stats = SampleStats()
     assert list(iter_samples(f"pipe:cat {tmp_path}/nope.tar", stats)) == []
     assert stats.skipped["unreadable_shard"] >= 1
+
+
+def test_gzipped_shard_and_its_truncation(tmp_path, data_helpers):
+    members = []
+    for i in range(4):
+        members += data_helpers.sample(f"z{i}", data_helpers.jpeg(16, 16, i), f"c{i}", {"i": i})
+    with tarfile.open(tmp_path / "z.tar.gz", "w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stats = SampleStats()
+    assert [s.key for s in iter_samples(str(tmp_path / "z.tar.gz"), stats)] == [
+        "z0",
+        "z1",
+        "z2",
+        "z3",
+    ]
+    raw = (tmp_path / "z.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(raw[: len(raw) * 2 // 3])
+    stats = SampleStats()
+    keys = [s.key for s in iter_samples(str(tmp_path / "cut.tar.gz"), stats)]
+    assert len(keys) < 4 and keys == ["z0", "z1", "z2", "z3"][: len(keys)]
+    assert dict(stats.skipped) == {"truncated_tar": 1}
