@@ -347,7 +347,14 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
                 f"({stats.summary()}); eval needs at least 2 with a '{cfg.data.class_field}' field"
             )
         if keys is not None and (k_new != keys or c_new != classes):
-            raise EvalError("eval: cached features were made from different samples; rerun")
+            for name in feats:  # stale caches: drop their records so the next run re-embeds
+                RunDir.done_path(out_dir, _slug(name)).unlink(missing_ok=True)
+            raise EvalError(
+                "eval: the cached features of "
+                + ", ".join(feats)
+                + " were made from other samples than the shards hold now; their records are "
+                "removed, run eval again to re-embed them"
+            )
         keys, classes, read_stats = k_new, c_new, stats.as_dict()
         for enc in loaded:
             x = np.concatenate(enc.chunks) if enc.chunks else np.zeros((0, 0), np.float32)
