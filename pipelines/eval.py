@@ -302,7 +302,7 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     data_sig = eval_set_signature(urls, cfg.data.class_field, cfg.data.max_image_pixels)
     specs = [parse_encoder_spec(e, cfg) for e in ec.encoders]
     names = [s.name for s in specs]
-    if len(set(names)) != len(names):
+    if len(set(names)) != len(names) or len({_slug(n) for n in names}) != len(names):
         raise EvalError(f"eval.encoders: two entries have the same name ({names}); use label=spec")
     device = resolve_device(ec.device)
 
