@@ -246,7 +246,7 @@ class EvalConfig:
     batch_size: int = 64
     """Images per encoder forward pass."""
     chunk_size: int = 4096
-    """Rows per similarity block (query and gallery): memory stays near chunk_size² x 12 bytes, never n x n."""
+    """Rows per similarity block (query and gallery): memory stays below chunk_size² x 12 bytes, never n x n."""
     device: str = "auto"
     """Where embedding and similarity run: 'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1'…"""
 

@@ -22,7 +22,7 @@ Protocol (Stanford Online Products, as in Unicom's and Musgrave et al.'s evaluat
   ``excluded_singletons``; they stay in the gallery as distractors for the other queries.
 
 Memory: similarities are computed block by block (``chunk_size`` query rows × ``chunk_size``
-gallery rows, ~12 bytes per pair) with a running top-k, never the full n × n matrix. On a
+gallery rows, 4 to at most 12 bytes per pair) with a running top-k, never the full n × n matrix. On a
 machine with CUDA the blocks run on the GPU.
 """
 
@@ -152,7 +152,7 @@ def iter_topk(
 
     The neighbours of row i are the other rows (i itself is excluded), sorted by similarity
     descending, ties by lower index. ``k`` must be ≤ n - 1. Peak memory per block is about
-    ``chunk_size² · 12`` bytes plus ``q · k · 16`` for the running top-k; the query block
+    ``chunk_size² · 12`` bytes (4 when no row has a tie across its top-k cut) plus ``q · k · 16`` for the running top-k; the query block
     shrinks when k is large so the two stay within the same bound.
     """
     n = x.shape[0]
