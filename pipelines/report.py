@@ -18,7 +18,7 @@ eval        ``RUN/eval/metrics.json`` (``_SUCCESS.json`` marks it complete)
 ==========  ==========================================================================
 
 Writes ``RUN/report.json`` (one section per stage with ``status`` = complete | partial |
-missing | unreadable), ``RUN/report.md``, ``RUN/report.html`` (self-contained: the PNG plots are
+missing | unreadable | skipped — the last for embed/cluster/assign under bring-your-own labels), ``RUN/report.md``, ``RUN/report.html`` (self-contained: the PNG plots are
 embedded as base64 data URIs, no scripts, no external links) and ``RUN/plots/*.png``:
 k-means objective, cluster-size distribution, training loss and learning rate, Recall@K per
 encoder, metric against feature dimension. A plot whose data is not there is listed as missing
@@ -112,6 +112,7 @@ def read_config(rd: RunDir) -> dict[str, Any]:
             "cluster.k": g("cluster", "k"),
             "cluster.backend": g("cluster", "backend"),
             "assign.topk": g("assign", "topk"),
+            "assign.labels_dir": g("assign", "labels_dir"),
             "train.objective": g("train", "objective"),
             "train.model": g("train", "model"),
             "train.steps": g("train", "steps"),
@@ -389,10 +390,17 @@ def read_eval(rd: RunDir) -> dict[str, Any]:
     )
 
 
-def cluster_sizes(rd: RunDir, k: int | None) -> tuple[np.ndarray | None, str]:
-    """Points per cluster over all labelled samples (label sidecars' cls column), or None."""
-    files = sorted(rd.labels.glob("*.parquet"))
-    if not files or not k:
+def cluster_sizes(
+    rd: RunDir, k: int | None, labels_dir: str | Path | None = None
+) -> tuple[np.ndarray | None, str]:
+    """Points per cluster over all labelled samples (label sidecars' cls column), or None.
+
+    ``labels_dir`` (bring-your-own labels) replaces RUN/labels; without ``k`` the number of
+    clusters is taken as the largest label + 1.
+    """
+    folder = Path(labels_dir) if labels_dir else rd.labels
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
         return None, "no label sidecars"
     import pyarrow.parquet as pq
 
@@ -400,14 +408,20 @@ def cluster_sizes(rd: RunDir, k: int | None) -> tuple[np.ndarray | None, str]:
         total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         if total > MAX_LABEL_ROWS:
             return None, f"{total} label rows > {MAX_LABEL_ROWS}: percentiles only"
-        hist = np.zeros(int(k), dtype=np.int64)
+        hist = np.zeros(int(k or 0), dtype=np.int64)
         for f in files:
             cls = pq.read_table(f, columns=["cls"]).column("cls").to_numpy()
-            cls = cls[(cls >= 0) & (cls < k)]
-            hist += np.bincount(cls, minlength=int(k))[: int(k)]
+            cls = cls[(cls >= 0) & ((cls < k) if k else True)]
+            add = np.bincount(cls, minlength=len(hist))
+            if len(add) > len(hist):
+                hist = np.pad(hist, (0, len(add) - len(hist)))
+            hist += add[: len(hist)]
     except Exception as e:  # a broken sidecar must not break the report
         return None, f"label sidecars unreadable ({type(e).__name__}: {e})"
-    return hist, f"all {int(hist.sum())} labelled samples (RUN/labels)"
+    if not len(hist):
+        return None, "label sidecars hold no rows"
+    where = str(folder) if labels_dir else "RUN/labels"
+    return hist, f"all {int(hist.sum())} labelled samples ({where})"
 
 
 # --------------------------------------------------------------------------------------
@@ -904,7 +918,7 @@ th,td{border:1px solid #d8dce3;padding:4px 10px;text-align:left}th{background:#e
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .badge{display:inline-block;padding:1px 8px;border-radius:10px;font-size:0.85em;font-weight:600}
 .complete{background:#d9f2e1;color:#17663a}.partial{background:#fff1c9;color:#7a5a00}
-.missing{background:#f1f2f4;color:#5a6375}.unreadable{background:#fbdada;color:#8a1c1c}
+.missing,.skipped{background:#f1f2f4;color:#5a6375}.unreadable{background:#fbdada;color:#8a1c1c}
 .banner{padding:10px 14px;border-radius:6px;margin:10px 0}.ok{background:#d9f2e1}.warn{background:#fff1c9}
 figure{margin:8px 0 14px;background:#fff;border:1px solid #d8dce3;padding:8px;display:inline-block}
 figure img{max-width:100%;display:block}figcaption{color:#5a6375;font-size:0.88em;margin-top:4px}
@@ -1032,18 +1046,27 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         "train": train,
         "eval": read_eval(rd),
     }
+    config = read_config(rd)
+    byo_labels = (config.get("key_settings") or {}).get("assign.labels_dir")
+    if byo_labels:  # `megaclass run` skips these three stages: not missing, skipped by design
+        for name in ("embed", "cluster", "assign"):
+            if stages[name]["status"] == "missing":
+                stages[name] = _section(
+                    "skipped",
+                    note=f"bring-your-own labels (assign.labels_dir = {byo_labels}): not run",
+                )
     for name, sec in stages.items():
         sec["headline"] = headline(name, sec)
     report: dict[str, Any] = {
         "run_dir": str(rd.root.resolve()),
         "generated_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "config": read_config(rd),
+        "config": config,
         "stages": stages,
-        "missing": [s for s in STAGES if stages[s]["status"] != "complete"],
+        "missing": [s for s in STAGES if stages[s]["status"] not in ("complete", "skipped")],
         "plots": {},
     }
     k = stages["assign"].get("k") or cluster.get("k")
-    sizes, source = cluster_sizes(rd, k)
+    sizes, source = cluster_sizes(rd, k, byo_labels)
     if sizes is None:
         source = f"size percentiles from the cluster stats ({source})"
     jobs = {
@@ -1064,7 +1087,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         path = rd.plots / f"{name}.png"
         stage_status = stages[plot_stage[name]]["status"]
         try:
-            if stage_status in ("missing", "unreadable") and not (
+            if stage_status in ("missing", "unreadable", "skipped") and not (
                 name == "cluster_sizes" and sizes is not None
             ):
                 why = f"the {plot_stage[name]} stage is {stage_status}"

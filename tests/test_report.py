@@ -294,6 +294,31 @@ def test_report_partial_run_says_what_is_missing(tmp_path):
     assert "eval" not in rep2["missing"] and "file" in rep2["plots"]["eval_recall"]
 
 
+def test_report_bring_your_own_labels(tmp_path):
+    """With assign.labels_dir, `megaclass run` skips embed/cluster/assign: skipped, not missing."""
+    run = tmp_path / "run"
+    run.mkdir()
+    byo = tmp_path / "byo"
+    counts = _assign(byo)
+    cfg = RunConfig(run_dir=str(run))
+    cfg.assign.labels_dir = str(byo / "labels")
+    (run / "config.yaml").write_text(dump_config(cfg))
+    _train(run, complete=True)
+    _eval(run)
+    rep = build_report(run)
+    assert rep["missing"] == []
+    for stage in ("embed", "cluster", "assign"):
+        assert rep["stages"][stage]["status"] == "skipped"
+        assert "bring-your-own labels" in rep["stages"][stage]["note"]
+    assert "file" in rep["plots"]["cluster_sizes"]  # from the user's label sidecars
+    assert "cluster stage is skipped" in rep["plots"]["kmeans_objective"]["missing"]
+    from megaclass.pipelines.report import RunDir, cluster_sizes
+
+    sizes, _ = cluster_sizes(RunDir(run), None, byo / "labels")
+    np.testing.assert_array_equal(sizes, counts[: len(sizes)])
+    assert len(sizes) == K - 1 and counts[-1] == 0  # k inferred from the largest label
+
+
 def test_report_empty_and_broken_runs(tmp_path):
     run = tmp_path / "empty"
     run.mkdir()
