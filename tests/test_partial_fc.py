@@ -199,6 +199,12 @@ def run_checks(rank: int, world: int) -> dict:
     for key in ("dims", "local_idx"):
         if not torch.equal(sampled[key], again[key]):
             fails.append(f"rank {rank}: {key} not reproducible")
+    # Shards reassemble into the full matrix (export / re-sharding), K = 2, uneven split.
+    full = torch.randn(C * 2, D, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    h = PartialFC(C, D, num_subcenters=2, dtype=torch.float64)
+    h.load_full_weight(full)
+    if not torch.equal(h.full_weight(), full):
+        fails.append(f"rank {rank}: full_weight() does not reassemble the shards")
     # Negatives on a larger head (the positives differ per rank anyway; compare the rest).
     big = PartialFC(4000, 8, sample_rate=0.1, seed=SEED)
     g = torch.Generator().manual_seed(5)
