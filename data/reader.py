@@ -11,7 +11,8 @@ Every problem with a sample is a *skip with a reason* in a :class:`SampleStats` 
 
 ``missing_image``, ``missing_caption``, ``bad_json`` (unparseable or not an object),
 ``too_many_pixels`` (checked from the header before any pixel is decoded),
-``undecodable_image``, ``duplicate_key``, ``truncated_tar`` (the samples before the cut are
+``undecodable_image``, ``duplicate_key``, ``oversized_file`` (a member over
+``max_file_bytes``, never read into memory), ``truncated_tar`` (the samples before the cut are
 kept, the one being assembled is counted), ``unreadable_shard`` (cannot be opened or is not
 a tar at all; counted once per shard).
 
@@ -41,6 +42,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt",)
 JSON_EXTS = ("json",)
 DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_FILE_BYTES = 256 << 20
 
 
 @dataclass
@@ -189,12 +191,13 @@ class _TailStream(io.RawIOBase):
 
 
 class _Group:
-    __slots__ = ("key", "files", "dup_ext")
+    __slots__ = ("key", "files", "dup_ext", "oversized")
 
     def __init__(self, key: str) -> None:
         self.key = key
         self.files: dict[str, bytes] = {}
         self.dup_ext = ""
+        self.oversized = ""
 
 
 def _finish(
@@ -212,6 +215,9 @@ def _finish(
         stats.skip("duplicate_key", url, g.key, detail)
         return None
     seen_keys.add(g.key)
+    if g.oversized:
+        stats.skip("oversized_file", url, g.key, g.oversized)
+        return None
     ext = next((e for e in IMAGE_EXTS if e in g.files), "")
     if not ext:
         stats.skip("missing_image", url, g.key, f"members: {sorted(g.files)}")
@@ -220,8 +226,8 @@ def _finish(
     if "json" in g.files:
         try:
             meta = json.loads(g.files["json"].decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            stats.skip("bad_json", url, g.key, str(e))
+        except (ValueError, RecursionError) as e:  # bad utf-8, bad json, absurd nesting
+            stats.skip("bad_json", url, g.key, f"{type(e).__name__}: {e}")
             return None
         if not isinstance(meta, dict):
             stats.skip("bad_json", url, g.key, f"json is a {type(meta).__name__}, not an object")
@@ -251,8 +257,12 @@ def iter_samples(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     decode: bool = True,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Iterator[Sample]:
     """Yield the good samples of one shard in tar order; count every bad one in ``stats``.
+
+    A member larger than ``max_file_bytes`` is never read into memory; its sample is
+    skipped as ``oversized_file``.
 
     With ``decode=False`` the image header is still checked (format recognised, pixel
     limit) but pixels are not decoded, so a later full decode can still fail with
@@ -282,12 +292,7 @@ def iter_samples(
                 if not info.isfile():
                     continue
                 name = info.name
-                f = tar.extractfile(info)
-                data = f.read() if f is not None else b""
-                if f is not None and len(data) != info.size:
-                    raise EOFError(f"member {info.name} cut short")
-                members += 1
-                key, ext = split_key(info.name)
+                key, ext = split_key(name)
                 if key.rsplit("/", 1)[-1].startswith("._") or not ext:
                     continue  # macOS resource forks and extension-less junk are not samples
                 if group is None or key != group.key:
@@ -296,6 +301,15 @@ def iter_samples(
                         if sample is not None:
                             yield sample
                     group = _Group(key)
+                if info.size > max_file_bytes:
+                    group.oversized = f"{name}: {info.size} bytes > {max_file_bytes}"
+                    members += 1
+                    continue  # tarfile skips the data without keeping it
+                f = tar.extractfile(info)
+                data = f.read() if f is not None else b""
+                if f is not None and len(data) != info.size:
+                    raise EOFError(f"member {info.name} cut short")
+                members += 1
                 if ext in group.files:
                     group.dup_ext = ext
                 group.files[ext] = data

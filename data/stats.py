@@ -21,6 +21,7 @@ REASONS = (
     "truncated_tar",
     "unreadable_shard",
     "missing_label",
+    "oversized_file",
 )
 
 

@@ -125,3 +125,17 @@ def test_gzipped_shard_and_its_truncation(tmp_path, data_helpers):
     keys = [s.key for s in iter_samples(str(tmp_path / "cut.tar.gz"), stats)]
     assert len(keys) < 4 and keys == ["z0", "z1", "z2", "z3"][: len(keys)]
     assert dict(stats.skipped) == {"truncated_tar": 1}
+
+
+def test_oversized_member_is_skipped_unread(tmp_path, data_helpers):
+    members = data_helpers.sample("a", data_helpers.jpeg(8, 8, 0), "small", {})
+    members += data_helpers.sample("b", b"\xff" * 5000, "huge member", {})
+    members += data_helpers.sample(
+        "c", data_helpers.jpeg(8, 8, 1), "small", b"[" * 2000 + b"]" * 2000
+    )
+    members += data_helpers.sample("d", data_helpers.jpeg(8, 8, 2), "small", {})
+    path = data_helpers.raw_tar(tmp_path / "o.tar", members)
+    stats = SampleStats()
+    keys = [s.key for s in iter_samples(str(path), stats, max_file_bytes=4096)]
+    assert keys == ["a", "d"]
+    assert dict(stats.skipped) == {"oversized_file": 1, "bad_json": 1}
