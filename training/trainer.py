@@ -13,7 +13,7 @@ a gradient-accumulation boundary, and is saved per rank. Its loss still goes thr
 
 Gradient scale: the pfc/mlcd loss is the mean over the *global* batch and is identical on
 every rank. The head's all-gather multiplies each rank's embedding gradient by the world size
-(``PartialFC(grad_average=True)``), so the engine's averaging all-reduce yields exactly the
+(built with ``PartialFC(grad_average=True)``), so the engine's averaging all-reduce yields exactly the
 gradient of the global loss for the backbone, and the head's shards get the exact gradient of
 their rows. The result is the same update for any number of ranks.
 """
@@ -108,7 +108,7 @@ def train(cfg: RunConfig, **setup_kw: Any) -> dict[str, Any]:
 
     while st.step < tc.steps:
         # ---- one optimizer step = grad_accum micro-batches ------------------------------
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         micro = 0
         while micro < tc.grad_accum:
             t0 = time.perf_counter()
@@ -124,14 +124,10 @@ def train(cfg: RunConfig, **setup_kw: Any) -> dict[str, Any]:
                     )
             window.wait += time.perf_counter() - t0
             loss = forward_loss(st, batch)
-            # one tiny all-reduce: any rank non-finite? any rank asked to stop?
-            flags = torch.stack(
-                [(~torch.isfinite(loss.detach())).float(), loss.new_tensor(float(stop.requested))]
-            ).float()
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            if flags[1] > 0:
-                stop.requested = True
-            if flags[0] > 0:
+            # one tiny all-reduce: is the loss non-finite on any rank? (all must skip together)
+            bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item() > 0:
                 # Drop this micro-batch without backward: nothing reaches the optimizers, and
                 # the engine's micro-step counter is untouched (DeepSpeed never saw it).
                 bad_in_row += 1
@@ -173,7 +169,7 @@ def train(cfg: RunConfig, **setup_kw: Any) -> dict[str, Any]:
 
         # ---- metrics ---------------------------------------------------------------------
         if st.step % tc.log_every == 0 or st.step == tc.steps:
-            last_loss = float(last_loss_t)  # the only host sync of the loss
+            last_loss = float(last_loss_t)
             rec = window.record(st, last_loss, global_batch)
             metrics.log(rec)
             pbar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{rec['samples_per_s']:.0f}")
@@ -183,9 +179,11 @@ def train(cfg: RunConfig, **setup_kw: Any) -> dict[str, Any]:
             os.kill(os.getpid(), signal.SIGTERM)
 
         # ---- checkpoint ------------------------------------------------------------------
-        if stop.requested or st.step % tc.ckpt_every == 0 or st.step == tc.steps:
+        # a signal may reach only some ranks: agree first (a collective save needs everyone)
+        stop_now = _any_rank(stop.requested, env)
+        if stop_now or st.step % tc.ckpt_every == 0 or st.step == tc.steps:
             save(st)
-        if stop.requested and st.step < tc.steps:
+        if stop_now and st.step < tc.steps:
             log.warning("signal received: checkpointed step %d, exiting", st.step)
             interrupted = True
             break
@@ -402,6 +400,7 @@ def build_head(cfg: RunConfig, env: DistEnv, num_classes: int) -> nn.Module:
         num_subcenters=tc.num_subcenters,
         multi_label=tc.objective == "mlcd",
         seed=cfg.seed,
+        grad_average=True,  # embedding grads × W: the engine's averaging then gives the true gradient
     )
 
 
@@ -469,6 +468,12 @@ def _engine_loss_scale(engine: Any) -> float:
 
 def _engine_overflowed(engine: Any) -> bool:
     return bool(getattr(engine.optimizer, "overflow", False)) if engine.fp16_enabled() else False
+
+
+def _any_rank(flag: bool, env: DistEnv) -> bool:
+    t = torch.tensor([float(flag)], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def backbone_checksum(model: nn.Module) -> list[float]:
