@@ -413,6 +413,7 @@ class TrainLoader:
         }
         self.stats = SampleStats()
         self._labels_checked = False
+        self._active: object | None = None
         self._reset_position(0)
 
     # -- position ------------------------------------------------------------------------
@@ -527,6 +528,8 @@ class TrainLoader:
             )
             dl_iter = iter(dl)
             source = dl_iter
+        token = object()
+        self._active = token  # a newer iteration makes this one stale (see below)
         W = self.cfg.workers
         pending: list[deque[_Item]] = [deque() for _ in range(W)]
         alive = [True] * W
@@ -536,6 +539,11 @@ class TrainLoader:
                 if not alive[turn]:
                     turn = (turn + 1) % W
                     continue
+                if self._active is not token:
+                    raise RuntimeError(
+                        "TrainLoader: a newer iteration over this loader was started; "
+                        "iterate one at a time (the position is shared)"
+                    )
                 while not pending[turn]:
                     item = next(source)
                     pending[item.worker].append(item)

@@ -185,3 +185,13 @@ def test_decode_failures_counted_once_across_resume(corrupt_shards):
     assert ref[3:] == rest
     assert b.stats.as_dict()["skipped"] == full.stats.as_dict()["skipped"]
     assert full.stats.skipped["undecodable_image"] == 2
+
+
+def test_two_live_iterations_are_refused(tiny_dataset):
+    a = _loader(tiny_dataset)
+    old = iter(a)
+    next(old)
+    new = iter(a)
+    next(new)
+    with pytest.raises(RuntimeError, match="newer iteration"):
+        next(old)
