@@ -52,52 +52,72 @@ def tree_topk(
     tree: Tree,
     topk: int = 1,
     nprobe: int = 8,
-    chunk_size: int = 262144,
+    chunk_size: int = 131072,
+    workers: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate top-k through the tree; exact within the ``nprobe`` probed groups."""
+    """Approximate top-k through the tree; exact within the ``nprobe`` probed groups.
+
+    ``workers`` > 1 runs row chunks on a thread pool (the matmuls release the GIL).
+    """
     c = centroids if tree.order is None else centroids[tree.order]
     c = np.ascontiguousarray(c, dtype=np.float32)
     n = len(x)
-    G = len(tree.coarse)
-    nprobe = min(nprobe, G)
+    nprobe = min(nprobe, len(tree.coarse))
     labels = np.empty((n, topk), dtype=np.int64)
     scores = np.empty((n, topk), dtype=np.float32)
-    off = tree.offsets
-    for r0 in range(0, n, chunk_size):
+    starts = list(range(0, n, chunk_size))
+
+    def one(r0: int) -> None:
         xr = np.ascontiguousarray(x[r0 : r0 + chunk_size], dtype=np.float32)
-        R = len(xr)
-        gl, _ = chunked_topk(xr, tree.coarse, nprobe)
-        cand_s = np.full((R, nprobe * topk), -np.inf, dtype=np.float32)
-        cand_i = np.full((R, nprobe * topk), -1, dtype=np.int64)
-        flat = gl.ravel()
-        srt = np.argsort(flat, kind="stable")
-        bounds = np.searchsorted(flat[srt], np.arange(G + 1))
-        for g in range(G):
-            b0, b1 = bounds[g], bounds[g + 1]
-            c0, c1 = off[g], off[g + 1]
-            if b0 == b1 or c0 == c1:
-                continue
-            sel = srt[b0:b1]
-            rows, slot = sel // nprobe, sel % nprobe
-            s = xr[rows] @ c[c0:c1].T
-            kk = min(topk, c1 - c0)
-            if kk == 1:
-                j = s.argmax(axis=1)[:, None]
-            else:
-                j = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-            v = np.take_along_axis(s, j, axis=1)
-            cols = slot[:, None] * topk + np.arange(kk)[None, :]
-            cand_s[rows[:, None], cols] = v
-            cand_i[rows[:, None], cols] = j + c0
-        if topk == 1:
-            best = cand_s.argmax(axis=1)[:, None]
-        else:
-            best = np.argsort(-cand_s, axis=1, kind="stable")[:, :topk]
-        labels[r0 : r0 + R] = np.take_along_axis(cand_i, best, axis=1)
-        scores[r0 : r0 + R] = np.take_along_axis(cand_s, best, axis=1)
+        labels[r0 : r0 + len(xr)], scores[r0 : r0 + len(xr)] = _tree_chunk(
+            xr, c, tree, topk, nprobe
+        )
+
+    if workers > 1 and len(starts) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(one, starts))
+    else:
+        for r0 in starts:
+            one(r0)
     if tree.order is not None:
         labels = np.where(labels >= 0, tree.order[np.maximum(labels, 0)], -1)
     return labels, scores
+
+
+def _tree_chunk(
+    xr: np.ndarray, c: np.ndarray, tree: Tree, topk: int, nprobe: int
+) -> tuple[np.ndarray, np.ndarray]:
+    R, G, off = len(xr), len(tree.coarse), tree.offsets
+    gl, _ = chunked_topk(xr, tree.coarse, nprobe)
+    cand_s = np.full((R, nprobe * topk), -np.inf, dtype=np.float32)
+    cand_i = np.full((R, nprobe * topk), -1, dtype=np.int64)
+    flat = gl.ravel()
+    srt = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[srt], np.arange(G + 1))
+    for g in range(G):
+        b0, b1 = bounds[g], bounds[g + 1]
+        c0, c1 = off[g], off[g + 1]
+        if b0 == b1 or c0 == c1:
+            continue
+        sel = srt[b0:b1]
+        rows, slot = sel // nprobe, sel % nprobe
+        s = xr[rows] @ c[c0:c1].T
+        kk = min(topk, c1 - c0)
+        if kk == 1:
+            j = s.argmax(axis=1)[:, None]
+        else:
+            j = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        v = np.take_along_axis(s, j, axis=1)
+        cols = slot[:, None] * topk + np.arange(kk)[None, :]
+        cand_s[rows[:, None], cols] = v
+        cand_i[rows[:, None], cols] = j + c0
+    if topk == 1:
+        best = cand_s.argmax(axis=1)[:, None]
+    else:
+        best = np.argsort(-cand_s, axis=1, kind="stable")[:, :topk]
+    return np.take_along_axis(cand_i, best, axis=1), np.take_along_axis(cand_s, best, axis=1)
 
 
 class CentroidSearcher:

@@ -1,0 +1,243 @@
+"""k-means and assignment against the machine's own limits and against faiss, in one run.
+
+Claims measured (issue 5):
+  1. float32 GEMM rate of this machine (torch matmul, all threads)            -> the limit
+  2. our k-means rate 2·n·k·d·iters / time as a fraction of it                -> target ≥ 0.75
+  3. `distributed` backend, 1 worker, vs faiss.Kmeans (same data, iterations) -> time ratio ≤ 1.2
+  4. exact chunked assignment throughput vs the GEMM limit                     -> target ≥ 0.7
+  5. scale: k = 1,000,000 from 4,000,000 points (d = 32) with `hierarchical`
+     (≤ 90 s, no empty clusters, vs a plain faiss two-level run in the same process), then
+     all 4M points assigned through the tree (< 2 min), top-1 agreement vs exact on 10k
+     points (≥ 0.95), imbalance of the full assignment.
+
+Usage:  python benchmarks/kmeans.py [--quick] [--skip-scale] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from megaclass.clustering.hierarchical import allocate  # noqa: E402
+from megaclass.clustering.kmeans import KMeansParams, init_centroids, train_kmeans  # noqa: E402
+from megaclass.clustering.lloyd import chunked_topk  # noqa: E402
+from megaclass.clustering.search import Tree, tree_topk  # noqa: E402
+from megaclass.clustering.stats import imbalance  # noqa: E402
+from megaclass.clustering.synthetic import planted_sphere  # noqa: E402
+
+
+def gemm_rate(n: int = 4096, reps: int = 5) -> float:
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def flat_claims(quick: bool) -> dict:
+    out: dict = {"threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads()}
+    g = gemm_rate()
+    out["gemm_gflops"] = g / 1e9
+    n, k, d, it = (50_000, 512, 128, 3) if quick else (200_000, 1024, 128, 5)
+    x, _ = planted_sphere(n, 256, d, 0.8, 1)
+    init = init_centroids(x, k, 0)
+    flops = 2.0 * n * k * d * it
+
+    # 2. our in-process chunked Lloyd (the arithmetic every worker runs)
+    r = train_kmeans(x, KMeansParams(k=k, niter=it, backend="lloyd"), init=init)
+    out["lloyd"] = {"n": n, "k": k, "d": d, "iters": it, "seconds": r.seconds}
+    out["lloyd"]["gflops"] = flops / r.seconds / 1e9
+    out["lloyd"]["fraction_of_gemm"] = flops / r.seconds / g
+
+    # 3. distributed with 1 worker vs faiss.Kmeans, same init and iterations
+    t = time.perf_counter()
+    km = faiss.Kmeans(d, k, niter=it, spherical=True, max_points_per_centroid=10**9, verbose=False)
+    km.train(x, init_centroids=init)
+    t_faiss = time.perf_counter() - t
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    p = KMeansParams(k=k, niter=it, backend="distributed", num_workers=1)
+    t = time.perf_counter()
+    train_kmeans(x, p, init=init)  # first run starts the worker pool
+    t_first = time.perf_counter() - t
+    t = time.perf_counter()
+    rd = train_kmeans(x, p, init=init)
+    t_dist = time.perf_counter() - t
+    ray.shutdown()
+    out["faiss_kmeans"] = {"seconds": t_faiss, "gflops": flops / t_faiss / 1e9}
+    out["distributed_1"] = {
+        "seconds_incl_data_load": t_dist,
+        "seconds_iterations": rd.seconds,
+        "seconds_first_run_incl_pool_start": t_first,
+        "time_ratio_vs_faiss": t_dist / t_faiss,
+        "max_abs_diff_vs_faiss": float(np.abs(rd.centroids - km.centroids).max()),
+    }
+
+    # 4. exact chunked assignment throughput
+    t = time.perf_counter()
+    chunked_topk(x, km.centroids, 1)
+    ta = time.perf_counter() - t
+    out["assign_exact"] = {
+        "rows_per_s": n / ta,
+        "gflops": 2.0 * n * k * d / ta / 1e9,
+        "fraction_of_gemm": 2.0 * n * k * d / ta / g,
+    }
+    return out
+
+
+def faiss_two_level(x: np.ndarray, k: int, coarse_k: int, niter: int, seed: int) -> np.ndarray:
+    """The plain faiss route: faiss level 1, every point assigned, per-group faiss k ∝ population."""
+    km = faiss.Kmeans(x.shape[1], coarse_k, niter=niter, spherical=True, seed=seed, verbose=False)
+    km.train(x)
+    _, lab = km.index.search(x, 1)
+    lab = lab[:, 0]
+    order = np.argsort(lab, kind="stable")
+    pop = np.bincount(lab, minlength=coarse_k)
+    off = np.concatenate([[0], np.cumsum(pop)])
+    alloc = allocate(pop, k)
+    xs = x[order]
+    out = []
+    for gi in range(coarse_k):
+        pts = xs[off[gi] : off[gi + 1]]
+        kg = int(alloc[gi])
+        if kg == 0:
+            continue
+        if kg >= len(pts):
+            out.append(pts[:kg])
+            continue
+        sub = faiss.Kmeans(
+            x.shape[1],
+            kg,
+            niter=niter,
+            spherical=True,
+            seed=seed + gi,
+            min_points_per_centroid=1,
+            verbose=False,
+        )
+        sub.train(pts)
+        out.append(sub.centroids)
+    return np.concatenate(out)
+
+
+def scale_claim(n: int, k: int, d: int, niter: int, nprobes: list[int], baseline: bool) -> dict:
+    out: dict = {"n": n, "k": k, "d": d, "niter_per_level": niter}
+    t = time.perf_counter()
+    x, _ = planted_sphere(n, 100_000, d, 1.0, 7)  # a mixture of 100k components with heavy noise
+    out["seconds_generate"] = time.perf_counter() - t
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as state:
+        p = KMeansParams(
+            k=k, niter=niter, backend="hierarchical", hier_parallel="threads", num_workers=2
+        )
+        t = time.perf_counter()
+        r = train_kmeans(x, p, state_dir=state)
+        t_h = time.perf_counter() - t
+    out["hierarchical"] = {
+        "seconds": t_h,
+        **{kk: v for kk, v in r.extra.items() if np.isscalar(v)},
+        "with_checkpoints": True,
+    }
+    c = r.centroids
+    tree = Tree(r.extra["coarse"], r.extra["group_offsets"])
+    if baseline:
+        t = time.perf_counter()
+        faiss_two_level(x, k, r.extra["coarse_k"], niter, 0)
+        out["faiss_two_level_seconds"] = time.perf_counter() - t
+        out["hierarchical_vs_faiss_two_level"] = t_h / out["faiss_two_level_seconds"]
+
+    rng = np.random.default_rng(0)
+    idx = np.sort(rng.choice(n, 10_000, replace=False))
+    t = time.perf_counter()
+    ex, ex_s = chunked_topk(x[idx], c, 1)
+    out["exact_10k_seconds"] = time.perf_counter() - t
+    agree = {}
+    for npb in nprobes:
+        lab, _ = tree_topk(x[idx], c, tree, 1, npb)
+        agree[npb] = float((lab[:, 0] == ex[:, 0]).mean())
+    out["top1_agreement_10k"] = agree
+    ok = [p for p in nprobes if agree[p] >= 0.95]
+    npb = min(ok) if ok else max(nprobes)
+    t = time.perf_counter()
+    lab, sc = tree_topk(x, c, tree, 1, npb, workers=2)
+    t_a = time.perf_counter() - t
+    h = np.bincount(lab[:, 0], minlength=k)
+    out["assign_all"] = {
+        "nprobe": npb,
+        "seconds": t_a,
+        "rows_per_s": n / t_a,
+        "empty_clusters": int((h == 0).sum()),
+        "singleton_clusters": int((h == 1).sum()),
+        "imbalance": imbalance(h),
+        "mean_top1_cosine": float(sc[:, 0].mean()),
+        "exact_mean_top1_cosine_10k": float(ex_s[:, 0].mean()),
+    }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    ap.add_argument("--skip-scale", action="store_true")
+    ap.add_argument("--skip-flat", action="store_true")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the plain faiss two-level run")
+    ap.add_argument("--niter", type=int, default=6)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    res: dict = {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
+    if not args.skip_flat:
+        res["flat"] = flat_claims(args.quick)
+        print(json.dumps(res["flat"], indent=1), flush=True)
+    if not args.skip_scale:
+        n, k = (400_000, 100_000) if args.quick else (4_000_000, 1_000_000)
+        res["scale"] = scale_claim(n, k, 32, args.niter, [2, 4, 8], not args.no_baseline)
+        print(json.dumps(res["scale"], indent=1), flush=True)
+    res["load_avg_end"] = os.getloadavg()
+    f = res.get("flat", {})
+    s = res.get("scale", {})
+    print("\n== summary ==")
+    if f:
+        print(f"GEMM {f['gemm_gflops']:.1f} GFLOP/s")
+        print(
+            f"k-means (lloyd) {f['lloyd']['gflops']:.1f} GFLOP/s = {f['lloyd']['fraction_of_gemm']:.2f} of GEMM (target >= 0.75)"
+        )
+        print(f"faiss.Kmeans {f['faiss_kmeans']['gflops']:.1f} GFLOP/s")
+        print(
+            f"distributed(1) / faiss.Kmeans time = {f['distributed_1']['time_ratio_vs_faiss']:.2f} (target <= 1.2)"
+        )
+        print(
+            f"exact assignment {f['assign_exact']['fraction_of_gemm']:.2f} of GEMM (target >= 0.7)"
+        )
+    if s:
+        print(
+            f"hierarchical k={s['k']} from n={s['n']}: {s['hierarchical']['seconds']:.1f} s (target <= 90)"
+        )
+        if "faiss_two_level_seconds" in s:
+            print(
+                f"plain faiss two-level: {s['faiss_two_level_seconds']:.1f} s; ratio {s['hierarchical_vs_faiss_two_level']:.2f}"
+            )
+        a = s["assign_all"]
+        print(
+            f"assign all through tree (nprobe={a['nprobe']}): {a['seconds']:.1f} s (target < 120), empty {a['empty_clusters']}, imbalance {a['imbalance']:.3f}"
+        )
+        print(f"top-1 agreement vs exact on 10k: {s['top1_agreement_10k']}")
+    print(f"load average start {res['load_avg_start']} end {res['load_avg_end']}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1, default=float)
+
+
+if __name__ == "__main__":
+    main()
