@@ -583,6 +583,31 @@ def _remove_stale_temporaries(embed_dir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def finish_stage(
+    embed_dir: Path, summary: dict[str, Any], attempts: int, allow_failed: bool
+) -> None:
+    """Write the stage's end marker, or refuse to when shards failed (unless allowed).
+
+    With failed shards (``summary["failed"]``: url -> last error) the summary goes to
+    ``_FAILED.json`` and :class:`EmbedError` names them; with ``allow_failed`` the stage is
+    marked complete anyway and ``_SUCCESS.json`` lists them.
+    """
+    failed = summary.get("failed") or {}
+    if failed:
+        write_json_atomic(embed_dir / "_FAILED.json", summary)
+        msg = f"embed: {len(failed)} shard(s) failed after {attempts} attempts: " + "; ".join(
+            f"{url}: {err}" for url, err in sorted(failed.items())
+        )
+        if not allow_failed:
+            raise EmbedError(
+                msg + f" (details in {embed_dir / '_FAILED.json'}; the other shards are written)"
+            )
+        logger.warning("%s (embed.allow_failed_shards: finishing without them)", msg)
+    else:
+        (embed_dir / "_FAILED.json").unlink(missing_ok=True)
+    write_json_atomic(embed_dir / "_SUCCESS.json", summary)
+
+
 def embeddings_location(cfg: RunConfig) -> Path:
     """Where the next stage reads embeddings: ``embed.embeddings_dir`` if set, else RUN/embed."""
     if cfg.embed.embeddings_dir:
@@ -697,21 +722,7 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         ),
         "ray": {"address": cfg.ray.address, "concurrency": cfg.embed.concurrency},
     }
-    if failed:
-        write_json_atomic(embed_dir / "_FAILED.json", summary)
-        msg = (
-            f"embed: {len(failed)} shard(s) failed after {cfg.embed.max_retries + 1} attempts: "
-            + "; ".join(f"{stems[s]}: {err}" for s, err in sorted(failed.items()))
-        )
-        if cfg.embed.allow_failed_shards:
-            logger.warning("%s (embed.allow_failed_shards: finishing without them)", msg)
-            write_json_atomic(embed_dir / "_SUCCESS.json", summary)
-            return summary
-        raise EmbedError(
-            msg + f" (details in {embed_dir / '_FAILED.json'}; the other shards are written)"
-        )
-    (embed_dir / "_FAILED.json").unlink(missing_ok=True)
-    write_json_atomic(embed_dir / "_SUCCESS.json", summary)
+    finish_stage(embed_dir, summary, cfg.embed.max_retries + 1, cfg.embed.allow_failed_shards)
     logger.info(
         "embed: %d rows in %d shards (%d embedded now, %.1f samples/s); %s",
         summary["rows"],
