@@ -85,7 +85,7 @@ class EmbedConfig:
     num_gpus_per_actor: float = 0.0
     """GPUs per teacher actor (1 on GPU machines, 0 on CPU)."""
     num_cpus_per_actor: float = 1.0
-    """CPUs reserved per teacher actor."""
+    """CPUs reserved per teacher actor (also its torch thread count)."""
     num_cpus_per_decoder: float = 1.0
     """CPUs reserved per decode task (reads a shard, decodes and preprocesses its images)."""
     max_retries: int = 2
