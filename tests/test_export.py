@@ -55,6 +55,8 @@ def test_siglip_export_carries_trained_text_tower(tmp_path):
     tok = model.text.tokenize(["a red circle", "a blue square"])
     with torch.no_grad():
         assert torch.allclose(clip.encode_text(tok), model.text(tok), atol=1e-6)
+    assert torch.allclose(clip.logit_scale, model.logit_scale.reshape(()))
+    assert all(p.ndim > 0 for p in model.parameters())  # DeepSpeed cannot broadcast 0-dim
     card = (tmp_path / "MODEL_CARD.md").read_text()
     assert "trained jointly" in card and "recall@1" in card
 

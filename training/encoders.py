@@ -204,6 +204,15 @@ class TextTower(nn.Module):
         import open_clip
 
         clip.visual = None  # the image tower lives in the Encoder; keep only text weights here
+        # 0-dim parameters break DeepSpeed's broadcast; the StudentModel owns scale/bias and
+        # the export puts them back under these names
+        self.removed_scalars = [
+            n
+            for n in ("logit_scale", "logit_bias")
+            if isinstance(getattr(clip, n, None), nn.Parameter)
+        ]
+        for n in self.removed_scalars:
+            delattr(clip, n)
         self.clip = clip
         text_dim = int(clip.text_projection.shape[1]) if _has_text_proj(clip) else embed_dim
         self.proj: nn.Module = (
@@ -235,8 +244,9 @@ class StudentModel(nn.Module):
         self.encoder = encoder
         self.text = text
         if text is not None:
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-            self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+            # shape (1,), not 0-dim: DeepSpeed's parameter broadcast cannot handle scalars
+            self.logit_scale = nn.Parameter(torch.full((1,), math.log(10.0)))
+            self.logit_bias = nn.Parameter(torch.full((1,), -10.0))
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor | None = None):
         img = self.encoder(images)

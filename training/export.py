@@ -95,6 +95,8 @@ def open_clip_state_dict(
     text = getattr(model, "text", None)
     if text is not None and isinstance(text.proj, nn.Identity):
         base = {k: v for k, v in text.clip.state_dict().items() if not k.startswith("visual.")}
+        for n in text.removed_scalars:  # open_clip's own logit scale/bias <- the trained ones
+            base[n] = getattr(model, n).detach().reshape(())
         note = "text tower: trained jointly with the image tower (SigLIP objective)"
     else:
         torch.manual_seed(seed)

@@ -216,8 +216,8 @@ def forward_loss(st: TrainState, batch: dict[str, Any]) -> torch.Tensor:
         return siglip_loss(
             F.normalize(img.float(), dim=-1),
             F.normalize(txt.float(), dim=-1),
-            m.logit_scale.float().exp(),
-            m.logit_bias.float(),
+            m.logit_scale.float().exp().squeeze(),
+            m.logit_bias.float().squeeze(),
         )
     emb = st.engine(images).float()
     # pfc: (B,) top-1 labels; mlcd: (B, l) top-l labels (the loader slices them)
