@@ -427,3 +427,16 @@ def test_gradient_accumulation_sparse_equals_dense():
             opt.step()
     assert heads[0].weight.grad.is_sparse and not heads[1].weight.grad.is_sparse
     assert torch.allclose(heads[0].weight, heads[1].weight, atol=1e-6)
+
+
+def test_stock_optimizer_gets_dense_gradient_until_make_optimizer():
+    head = PartialFC(200, 8, sample_rate=0.1, margin="arcface", m=0.3, scale=16)
+    opt = torch.optim.AdamW(head.parameters(), lr=0.01)
+    x, y = torch.randn(4, 8), torch.randint(0, 200, (4,))
+    head(x, y).backward()
+    assert not head.weight.grad.is_sparse
+    opt.step()  # a stock optimizer works (v2 semantics)
+    head.weight.grad = None
+    head.make_optimizer("adamw")
+    head(x, y).backward()
+    assert head.weight.grad.is_sparse

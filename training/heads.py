@@ -32,6 +32,8 @@ ever carry a gradient and nothing of size C_local×D is allocated per step. The 
 rows — weight decay, momentum and Adam moments do not touch unsampled rows (insightface's v1
 behaviour; v2 lets them drift). ``update_unsampled=True`` selects the v2 behaviour (decay and
 momentum applied to every row each step, at the cost of a full pass over the shard).
+Until :meth:`PartialFC.make_optimizer` is called (and unless ``sparse_grad`` is forced), the
+gradient is dense instead, so a stock torch optimizer also works — with v2 semantics.
 """
 
 from __future__ import annotations
@@ -269,9 +271,11 @@ class PartialFC(nn.Module):
         seed: seeds initialisation and every per-step draw.
         grad_average: multiply the embedding gradient by the world size (see the module
             docstring); False (default) = exact ∂L/∂x of the global-mean loss.
-        sparse_grad: centres get a sparse (sampled rows only) gradient; use
-            :meth:`make_optimizer`. False = dense gradient for stock torch optimizers (which
-            then decay/advance every row, and allocate C_local×D per step).
+        sparse_grad: True = the centres get a sparse gradient of the sampled rows only (needs
+            :meth:`make_optimizer`'s optimizer); False = a dense C_local×D gradient that stock
+            torch optimizers accept (they then decay/advance every row). None (default) =
+            sparse once :meth:`make_optimizer` has been called on this head, dense before,
+            so a stock optimizer keeps working (with a one-time warning when sampling).
         margin_m: alias of ``m`` (the name TrainConfig uses).
         margin_kwargs: further ``make_margin`` arguments (e.g. m1/m2/m3, std, h).
         init_std: centres ~ N(0, init_std).
@@ -293,7 +297,7 @@ class PartialFC(nn.Module):
         group=None,
         seed: int = 0,
         grad_average: bool = False,
-        sparse_grad: bool = True,
+        sparse_grad: bool | None = None,
         margin_m: float | None = None,
         margin_kwargs: dict | None = None,
         init_std: float = 0.01,
@@ -318,7 +322,9 @@ class PartialFC(nn.Module):
         self.num_subcenters, self.multi_label = int(num_subcenters), bool(multi_label)
         self.interclass_threshold = interclass_threshold
         self.seed, self.grad_average = int(seed), bool(grad_average)
-        self.sparse_grad = bool(sparse_grad)
+        self.sparse_grad = sparse_grad
+        self._owns_optimizer = False
+        self._warned_dense = False
         if m is not None and margin_m is not None and m != margin_m:
             raise ValueError(f"m={m} and margin_m={margin_m} disagree")
         m = m if m is not None else margin_m
@@ -383,7 +389,12 @@ class PartialFC(nn.Module):
         eps: float = 1e-8,
         update_unsampled: bool = False,
     ) -> RowSparseOptimizer:
-        """The head's optimizer (it must not go through DeepSpeed/DDP: it is not replicated)."""
+        """The head's optimizer (it must not go through DeepSpeed/DDP: it is not replicated).
+
+        Calling it switches the head (``sparse_grad=None``) to sparse row gradients; with
+        ``update_unsampled=False`` unsampled rows are then never read or written.
+        """
+        self._owns_optimizer = True
         return RowSparseOptimizer(
             [self.weight],
             algo=name,
@@ -485,7 +496,14 @@ class PartialFC(nn.Module):
                 dims = dims.to(device)
                 e = e[:, dims]
             e_n = _Normalize.apply(e)
-            w_n = _GatherNormalize.apply(self.weight, wrows, dims, self.sparse_grad, cdtype)
+            sparse = self._owns_optimizer if self.sparse_grad is None else self.sparse_grad
+            if not sparse and wrows is not None and not self._warned_dense:
+                self._warned_dense = True
+                log.warning(
+                    "PartialFC: dense centre gradients (no head.make_optimizer()): a stock "
+                    "optimizer will decay/advance unsampled rows too (PartialFC v2 semantics)"
+                )
+            w_n = _GatherNormalize.apply(self.weight, wrows, dims, sparse, cdtype)
             # Target cosines through a small side path (no B×S scatter in the backward).
             w_t = w_n.view(-1, k, w_n.shape[1])[cols]
             cos_t = (w_t * e_n[rows, None, :]).sum(dim=2).amax(dim=1).clamp(-1.0, 1.0)
