@@ -257,10 +257,12 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
-def wait_for_ray(address: str, nodes: int, timeout: float) -> int:
+def wait_for_ray(address: str, nodes: int, timeout: float, port_only: bool = False) -> int:
     """Block until the Ray cluster at ``address`` has ``nodes`` live nodes; returns the count.
 
-    Raises TimeoutError naming the address and the counts when ``timeout`` seconds pass.
+    ``port_only``: return as soon as the head's GCS port accepts connections (enough before
+    starting the workers; saves a driver connection). Raises TimeoutError naming the address
+    and the counts when ``timeout`` seconds pass.
     """
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout
@@ -268,6 +270,8 @@ def wait_for_ray(address: str, nodes: int, timeout: float) -> int:
         if time.monotonic() > deadline:
             raise TimeoutError(f"Ray head {address}: port not open after {timeout:.0f} s")
         time.sleep(1.0)
+    if port_only:
+        return 1
     import ray
 
     ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
@@ -293,15 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
     w.add_argument("--nodes", type=int, required=True)
     w.add_argument("--timeout", type=float, default=300.0)
+    w.add_argument("--port-only", action="store_true", help="only wait for the head's GCS port")
     args = ap.parse_args(argv)
     if not args.address:
         ap.error("--address or RAY_ADDRESS is required")
     try:
-        n = wait_for_ray(args.address, args.nodes, args.timeout)
+        n = wait_for_ray(args.address, args.nodes, args.timeout, args.port_only)
     except TimeoutError as e:
         print(f"megaclass wait-ray: {e}", file=sys.stderr)
         return 1
-    print(f"[megaclass] Ray cluster {args.address}: {n} node(s) up", flush=True)
+    what = "head port open" if args.port_only else f"{n} node(s) up"
+    print(f"[megaclass] Ray cluster {args.address}: {what}", flush=True)
     return 0
 
 
