@@ -140,7 +140,9 @@ def _dense(g):
     return g.to_dense() if g.is_sparse else g
 
 
-def _compare(rank, world, name, kw, *, k=1, multi=False, rate=1.0, frate=1.0, thresh=None, c=C):
+def _compare(
+    rank, world, name, kw, *, k=1, multi=False, rate=1.0, frate=1.0, thresh=None, c=C, avg=False
+):
     """Run the head on this rank's slice and compare with the reference; returns (fails, info)."""
     fails: list[str] = []
     seed = zlib.crc32(f"{name}{k}{multi}{rate}".encode()) % 1000
@@ -149,7 +151,7 @@ def _compare(rank, world, name, kw, *, k=1, multi=False, rate=1.0, frate=1.0, th
     head = PartialFC(
         c, D, sample_rate=rate, feature_rate=frate, margin=name, scale=SCALE,
         num_subcenters=k, multi_label=multi, interclass_threshold=thresh, seed=SEED,
-        dtype=torch.float64, margin_kwargs=kw,
+        dtype=torch.float64, margin_kwargs=kw, grad_average=avg,
     )  # fmt: skip
     head.load_full_weight(w)
     x = emb[rank * b : (rank + 1) * b].clone().requires_grad_(True)
@@ -174,7 +176,8 @@ def _compare(rank, world, name, kw, *, k=1, multi=False, rate=1.0, frate=1.0, th
     ref.backward()
     tag = f"{name} k={k} multi={multi} r={rate} f={frate} rank={rank}/{world}"
     _close(loss.detach(), ref.detach(), f"{tag} loss", fails)
-    _close(x.grad, er.grad[rank * b : (rank + 1) * b], f"{tag} d/d embeddings", fails)
+    factor = world if avg else 1  # grad_average=True: ready for DDP-style averaging
+    _close(x.grad, factor * er.grad[rank * b : (rank + 1) * b], f"{tag} d/d embeddings", fails)
     gw = _dense(head.weight.grad).view(count, k, D)
     _close(gw, wr.grad[start : start + count], f"{tag} d/d centres", fails)
     return fails, info
@@ -188,6 +191,7 @@ def run_checks(rank: int, world: int) -> dict:
         fails += _compare(rank, world, name, kw)[0]
     fails += _compare(rank, world, "arcface", {"m": 0.5}, k=3)[0]
     fails += _compare(rank, world, "cosface", {"m": 0.35}, thresh=0.2)[0]
+    fails += _compare(rank, world, "cosface", {"m": 0.35}, avg=True)[0]
     for name in ("arcface", "adaface"):
         fails += _compare(rank, world, name, MARGIN_CASES[name], multi=True)[0]
     f1, sampled = _compare(rank, world, "arcface", {"m": 0.5}, rate=0.4, frate=0.5, c=61)
