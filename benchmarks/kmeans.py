@@ -150,6 +150,7 @@ def scale_claim(n: int, k: int, d: int, niter: int, nprobes: list[int], baseline
         **{kk: v for kk, v in r.extra.items() if np.isscalar(v)},
         "with_checkpoints": True,
     }
+    print("hierarchical:", json.dumps(out["hierarchical"]), flush=True)
     c = r.centroids
     tree = Tree(r.extra["coarse"], r.extra["group_offsets"])
     if baseline:
@@ -168,6 +169,7 @@ def scale_claim(n: int, k: int, d: int, niter: int, nprobes: list[int], baseline
         lab, _ = tree_topk(x[idx], c, tree, 1, npb)
         agree[npb] = float((lab[:, 0] == ex[:, 0]).mean())
     out["top1_agreement_10k"] = agree
+    print("agreement:", agree, "exact 10k s:", out["exact_10k_seconds"], flush=True)
     ok = [p for p in nprobes if agree[p] >= 0.95]
     npb = min(ok) if ok else max(nprobes)
     t = time.perf_counter()
