@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -110,6 +111,18 @@ def _shutdown_local_ray() -> None:
         ray.shutdown()
 
 
+def _pin_local_ray(cfg: RunConfig) -> None:
+    """With ``ray.address`` unset, make the stages start their own Ray instance.
+
+    ``ray.init()`` without an address silently joins the latest cluster that ``ray start`` left
+    on this machine (/tmp/ray/ray_current_cluster) — someone else's, and then fails on
+    ``num_cpus``. RAY_ADDRESS=local forces a fresh local instance; an address the user (or
+    the Slurm script) exported is kept.
+    """
+    if cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
+        os.environ["RAY_ADDRESS"] = "local"
+
+
 def run_pipeline(
     cfg: RunConfig, force: bool = False, stages: tuple[str, ...] | list[str] = PIPELINE
 ) -> dict[str, Any]:
@@ -120,6 +133,7 @@ def run_pipeline(
     pipeline early with ``interrupted`` True; run it again to resume.
     """
     RunDir(cfg.run_dir).write_config(cfg, force)
+    _pin_local_ray(cfg)
     result: dict[str, Any] = {"run_dir": str(cfg.run_dir), "stages": {}, "interrupted": False}
     t_all = time.time()
     for p in plan(cfg, stages):
