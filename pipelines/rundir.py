@@ -17,6 +17,9 @@ from megaclass.pipelines.config import RunConfig, config_to_dict, dump_config
 
 STAGES = ("embed", "cluster", "assign", "train", "eval")
 
+# Config sections that say where/how a run executes, not what it computes.
+_NOT_COMPARED = ("run_dir", "slurm", "ray")
+
 
 class ConfigChangedError(RuntimeError):
     """The run directory was created with a different config; resuming needs --force."""
@@ -70,15 +73,16 @@ class RunDir:
     def write_config(self, cfg: RunConfig, force: bool = False) -> None:
         """Write RUN/config.yaml once; a different config on resume is refused unless forced.
 
-        ``run_dir`` itself is not compared (the same run may be reached by another path).
+        ``run_dir`` itself is not compared (the same run may be reached by another path), nor
+        are the ``slurm`` and ``ray`` sections: where a run executes does not change its results.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         new = config_to_dict(cfg)
         if self.config_path.exists() and not force:
             old = yaml.safe_load(self.config_path.read_text()) or {}
             diffs = _diff(
-                {k: v for k, v in old.items() if k != "run_dir"},
-                {k: v for k, v in new.items() if k != "run_dir"},
+                {k: v for k, v in old.items() if k not in _NOT_COMPARED},
+                {k: v for k, v in new.items() if k not in _NOT_COMPARED},
             )
             if diffs:
                 shown = "; ".join(diffs[:10])

@@ -65,3 +65,11 @@ def test_run_dir_refuses_changed_config(tmp_path):
         rd.write_config(changed)
     rd.write_config(changed, force=True)
     assert yaml.safe_load(rd.config_path.read_text())["cluster"]["k"] == 9
+
+
+def test_run_dir_ignores_where_it_runs(tmp_path):
+    rd = RunDir(tmp_path / "run")
+    rd.write_config(load_config(None, ["slurm.time=01:00:00"]))
+    rd.write_config(load_config(None, ["slurm.time=02:00:00", "ray.address=auto"]))  # no error
+    with pytest.raises(ConfigChangedError):
+        rd.write_config(load_config(None, ["train.steps=7"]))
