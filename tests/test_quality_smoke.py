@@ -108,3 +108,25 @@ def test_cache_splits_and_student_starts_at_teacher(quick_run):
     trained = [r for r in res["results"] if r["row"] == "base" and r["seed"] == 0][0]
     assert trained["steps"] > 0
     assert (trained["R@1"], trained["mAP@R"]) != (untrained["R@1"], untrained["mAP@R"])
+
+
+def test_dev_split_holds_out_seen_categories_only(quick_run):
+    q, cfg, _, _ = quick_run
+    cache = q.build_cache(cfg)
+    dev = q.dev_cache(cache, 0.5, seed=3)
+    seen_files = [cache.files[i] for i in cache.seen]
+    unseen_files = {cache.files[i] for i in cache.unseen}
+    # only the seen part, in its order; the unseen categories never enter the tuning split
+    assert dev.files == seen_files and not unseen_files & set(dev.files)
+    train_cls = {dev.classes[i] for i in dev.seen}
+    val_cls = {dev.classes[i] for i in dev.unseen}
+    assert train_cls and val_cls and not train_cls & val_cls
+    assert len(val_cls) == round(0.5 * len(train_cls | val_cls))
+    # the flipped views follow their images: row j of dev.act_flip is the flip of dev.seen[j]
+    pos = {f: j for j, f in enumerate(seen_files)}
+    for j, i in enumerate(dev.seen):
+        np.testing.assert_array_equal(dev.act_flip[j], cache.act_flip[pos[dev.files[i]]])
+    np.testing.assert_array_equal(dev.act, cache.act[cache.seen])
+    assert dev.info["unseen_images"] == len(dev.unseen)
+    with pytest.raises(ValueError, match="dev_split"):
+        q.dev_cache(cache, 0.0, seed=3)
