@@ -14,6 +14,12 @@ Bring your own inputs:
 - ``assign.labels_dir``: label sidecars → embed, cluster and assign are all skipped (training
   needs only shards + labels); the trainer reads the labels from there.
 
+Before a stage runs, the ``.tmp-*`` files that a killed writer left in that stage's folders
+are deleted (every output is written to such a temporary name and renamed, so they are never
+read; the deletion just keeps the run directory clean). Torn multi-file outputs (a shard
+without its ``_done`` record, a checkpoint folder without its marker) are the stages' own
+business: they redo or ignore them.
+
 Training with ``train.nproc > 1`` is launched by the train stage itself as a subprocess
 (``train.launcher``: torchrun or the deepspeed launcher); a local Ray instance started by
 the Ray stages is shut down first so that the ranks get the CPUs.
@@ -28,6 +34,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from megaclass.pipelines.config import ConfigError, RunConfig, load_config
@@ -43,6 +50,17 @@ ENTRYPOINTS = {
     "train": "megaclass.pipelines.train:run_train",
     "eval": "megaclass.pipelines.eval:run_eval",
     "report": "megaclass.pipelines.report:build_report",
+}
+
+
+# The run-directory folders each stage writes ("" = the run root itself, not recursed).
+STAGE_FOLDERS = {
+    "embed": ("embed",),
+    "cluster": ("cluster",),
+    "assign": ("labels",),
+    "train": ("train", "export"),
+    "eval": ("eval",),
+    "report": ("plots", ""),
 }
 
 
@@ -95,6 +113,22 @@ def plan(cfg: RunConfig, stages: tuple[str, ...] | list[str] = PIPELINE) -> list
     return out
 
 
+def remove_stale_temporaries(run_dir: str | Path, stage: str) -> list[Path]:
+    """Delete the ``.tmp-*`` files a killed writer of ``stage`` left in its run-dir folders."""
+    removed = []
+    for sub in STAGE_FOLDERS[stage]:
+        folder = Path(run_dir) / sub
+        if not folder.is_dir():
+            continue
+        for p in folder.glob(".tmp-*") if sub == "" else folder.rglob(".tmp-*"):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    if removed:
+        log.info("run: %-7s removed %d stale temporary file(s)", stage, len(removed))
+    return removed
+
+
 def _entry(stage: str) -> Any:
     mod, fn = ENTRYPOINTS[stage].split(":")
     return getattr(importlib.import_module(mod), fn)
@@ -144,6 +178,7 @@ def run_pipeline(
             continue
         log.info("run: %-7s starting (%s)", p.stage, p.reason)
         t0 = time.time()
+        remove_stale_temporaries(cfg.run_dir, p.stage)
         if p.stage == "train":
             _shutdown_local_ray()
         if p.stage == "report":

@@ -100,3 +100,28 @@ def test_byo_embeddings_and_centroids_are_imported_then_skipped_on_resume(tmp_pa
     other = load_config(None, [f"run_dir={run}", f"embed.embeddings_dir={emb}", "cluster.k=6"])
     with pytest.raises(Exception, match="different config"):
         run_pipeline(other, stages=("cluster",))
+
+
+def test_stale_temporaries_of_the_starting_stage_are_removed(tmp_path):
+    from megaclass.pipelines.run import remove_stale_temporaries
+
+    run = tmp_path / "run"
+    files = {
+        "embed/img_emb/.tmp-a.npy.x1.npy": True,  # embed's own: not the stage starting
+        "cluster/state/.tmp-iter-0003.npz.x2": True,
+        "train/ckpt/step-0000004/head/.tmp-rank0.pt.x3": False,
+        "train/.tmp-metrics.jsonl.x4": False,
+        "export/.tmp-encoder.safetensors.x5": False,
+        "train/ckpt/step-0000004/head/rank0.pt": True,  # a final name is never touched
+        ".tmp-report.json.x6": True,  # the root belongs to the report stage
+    }
+    for rel in files:
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_bytes(b"partial")
+    removed = remove_stale_temporaries(run, "train")
+    assert sorted(p.relative_to(run).as_posix() for p in removed) == sorted(
+        rel for rel, kept in files.items() if not kept
+    )
+    assert all((run / rel).exists() == kept for rel, kept in files.items())
+    assert [p.name for p in remove_stale_temporaries(run, "report")] == [".tmp-report.json.x6"]
+    assert remove_stale_temporaries(tmp_path / "absent", "eval") == []
