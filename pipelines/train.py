@@ -169,10 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
     try:
         cfg = load_config(args.config, args.overrides)
+        run_train(cfg, force=args.force)  # raises ConfigError too (e.g. train.precision)
     except ConfigError as e:
         print(f"megaclass: config error: {e}", file=sys.stderr)
         return 2
-    run_train(cfg, force=args.force)
     return 0
 
 

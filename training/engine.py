@@ -154,6 +154,31 @@ def build_ds_config(tc: TrainConfig, world_size: int, load_universal: bool = Fal
     return cfg
 
 
+def check_precision(ds_config: dict[str, Any], accelerator: Any = None) -> None:
+    """Refuse a half precision that DeepSpeed's accelerator cannot run, naming our key.
+
+    DeepSpeed's CPU accelerator runs bf16, but fp16 only where oneDNN has fp16 kernels (most
+    CPUs have none); DeepSpeed itself would fail later with "Type fp16 is not supported on
+    your device". ``accelerator``: DeepSpeed's ``get_accelerator()`` (default: the current one).
+    """
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+    name = getattr(accelerator, "device_name", lambda: "?")()
+    for key, ok in (
+        ("fp16", accelerator.is_fp16_supported),
+        ("bf16", accelerator.is_bf16_supported),
+    ):
+        if (ds_config.get(key) or {}).get("enabled") and not ok():
+            hint = " (use train.precision=bf16 or fp32 on CPU)" if key == "fp16" else ""
+            raise ConfigError(
+                f"train.precision: {key} is not supported by DeepSpeed's {name!r} accelerator on "
+                f"this machine (set by train.precision={key} or {key}.enabled in "
+                f"train.ds_config){hint}"
+            )
+
+
 # --------------------------------------------------------------------------------------
 # Optimizers and schedule
 # --------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from megaclass.training.encoders import StudentModel, build_student
 from megaclass.training.engine import (
     DistEnv,
     build_ds_config,
+    check_precision,
     init_distributed,
     make_optimizer,
     make_scheduler,
@@ -272,16 +273,24 @@ def setup(
         head = (make_head or build_head)(cfg, env, num_classes)
     plan = ckpt.plan_resume(rd.ckpt, env.rank, env.world_size) if resume else None
     ds_config = build_ds_config(tc, env.world_size, load_universal=bool(plan and plan.universal))
+    check_precision(ds_config)
     opt = make_optimizer(param_groups(model, tc.weight_decay), tc, tc.lr)
     sched = make_scheduler(opt, tc)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
     )
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.precision, torch.float32)
+    # the engine's dtype (a user's ds_config may switch bf16/fp16 on): inputs are cast to it
+    dtype = (
+        torch.bfloat16
+        if engine.bfloat16_enabled()
+        else torch.float16
+        if engine.fp16_enabled()
+        else torch.float32
+    )
     head_opt = head_sched = None
     if head is not None:
         head.to(env.device)
-        head_opt = make_optimizer(param_groups(head, tc.weight_decay), tc, tc.lr * tc.head_lr_mult)
+        head_opt = make_head_optimizer(head, tc)
         head_sched = make_scheduler(head_opt, tc)
     # per-rank streams for augmentation / sampling from here on
     _seed_all(cfg.seed * 7919 + 1000 + env.rank)
@@ -402,6 +411,29 @@ def build_head(cfg: RunConfig, env: DistEnv, num_classes: int) -> nn.Module:
         seed=cfg.seed,
         grad_average=True,  # embedding grads × W: the engine's averaging then gives the true gradient
     )
+
+
+def make_head_optimizer(head: nn.Module, tc: Any) -> torch.optim.Optimizer:
+    """The head's own optimizer (never DeepSpeed's): lr × head_lr_mult, same algorithm and
+    hyper-parameters as the backbone's.
+
+    A PartialFC head gets its row-sparse optimizer: with ``train.head_update_unsampled=false``
+    (default) only the sampled class rows are decayed/updated and nothing of size C_local×D is
+    touched per step (Partial FC v1); ``true`` advances every row each step (v2). Other heads
+    get the stock torch optimizer.
+    """
+    lr = tc.lr * tc.head_lr_mult
+    if hasattr(head, "make_optimizer"):
+        return head.make_optimizer(
+            name=tc.optimizer,
+            lr=lr,
+            weight_decay=tc.weight_decay,
+            momentum=0.9,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            update_unsampled=tc.head_update_unsampled,
+        )
+    return make_optimizer(param_groups(head, tc.weight_decay), tc, lr)
 
 
 def build_loader(cfg: RunConfig, env: DistEnv, transform: Callable) -> Any:
