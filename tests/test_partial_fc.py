@@ -231,8 +231,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_gloo(world: int, timeout: float = 240.0) -> list[dict]:
-    """Run this file's ``_worker`` on ``world`` gloo ranks; returns each rank's result dict."""
+def spawn_gloo(world: int, timeout: float = 240.0, script: str | None = None) -> list[dict]:
+    """Run ``script``'s (default: this file's) gloo worker on ``world`` ranks; returns each
+    rank's result dict.
+
+    Shared with other test files (they load this one with ``runpy.run_path``): the script is
+    executed with ``run_name="__gloo_worker__"`` and a ``GLOO`` global (rank, world, port,
+    queue), and must then call :func:`_worker` with those and its own ``checks`` function.
+    """
     ctx = torch.multiprocessing.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
@@ -241,7 +247,7 @@ def spawn_gloo(world: int, timeout: float = 240.0) -> list[dict]:
         g = {"GLOO": {"rank": r, "world": world, "port": port, "queue": q}}
         p = ctx.Process(
             target=runpy.run_path,
-            args=(os.path.abspath(__file__),),
+            args=(os.path.abspath(script or __file__),),
             kwargs={"init_globals": g, "run_name": "__gloo_worker__"},
         )
         p.start()
@@ -256,13 +262,20 @@ def spawn_gloo(world: int, timeout: float = 240.0) -> list[dict]:
     return [out[r] for r in range(world)]
 
 
-def _worker(rank: int, world: int, port: int, queue) -> None:
+def _worker(rank: int, world: int, port: int, queue, checks=None) -> None:
+    """One gloo rank: init the process group, run ``checks(rank, world)`` (default
+    :func:`run_checks`), put ``(rank, result)`` on the queue. The torch.distributed variables
+    are exported too, so code that reads them (DeepSpeed, the trainer) sees the same world."""
     torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+    )  # fmt: skip
     try:
         torch.distributed.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
         )
-        res = run_checks(rank, world)
+        res = (checks or run_checks)(rank, world)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     except Exception:  # report, never hang the parent

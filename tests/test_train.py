@@ -362,3 +362,191 @@ def test_non_finite_losses_are_skipped_then_stop(tmp_path, shards):
     )
     assert "max_bad_steps=3" in res.stdout
     assert [x["step"] for x in _metrics(run)] == [1, 2]
+
+
+def test_bf16_two_ranks_zero2_accum_learns_with_head_outside_engine(tmp_path, shards):
+    run = _make_run(tmp_path, shards, "bf16", precision="bf16", zero_stage=2, grad_accum=2,
+                    micro_batch_size=4, steps=6, ckpt_every=6)  # fmt: skip
+    deepspeed_launch(train_module(run / "cfg.yaml"))
+    losses = [x["loss"] for x in _metrics(run)]
+    assert len(losses) == 6 and sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses
+    ck = run / "train" / "ckpt" / "step-0000006"
+    module = torch.load(ck / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert {v.dtype for v in module.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert not any("head" in k or k == "weight" for k in module), "head inside the engine"
+    # the head is ours: fp32, one distinct shard per rank, its own optimizer state
+    h0, h1 = _heads(ck, 2)
+    w0, w1 = h0["head"]["weight"], h1["head"]["weight"]
+    assert w0.dtype == w1.dtype == torch.float32 and w0.shape == (NCLS // 2, 32)
+    assert not torch.allclose(w0, w1)
+    # its own optimizer stepped once per optimizer step (6), not per micro-batch (12)
+    assert h0["head_opt"]["state"][0]["row_step"].tolist() == [6] * (NCLS // 2)
+    assert h0["trainer"]["backbone_checksum"] == h1["trainer"]["backbone_checksum"]
+
+
+def test_fp16_on_cpu_refused_naming_the_key(tmp_path, shards):
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this machine's DeepSpeed accelerator runs fp16 (covered by the GPU CI)")
+    run = _make_run(tmp_path, shards, "fp16", precision="fp16")
+    res = subprocess.run([PY, "-m", "megaclass.pipelines.train", str(run / "cfg.yaml")],
+                         env=_env(), capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "config error: train.precision: fp16 is not supported" in res.stderr
+
+
+# ======================================================================================
+# The training step at world sizes 1, 2, 4 (gloo) == one float64 process
+# ======================================================================================
+# Same global batch of 16 per step, split as (micro-batch, accumulation) = (8, 2) on 1 rank,
+# (8, 1) on 2, (2, 2) on 4 ranks. The real trainer.train() runs (DeepSpeed engine in fp32,
+# PartialFC head outside it with grad_average, its own SGD + head_lr_mult, clipping of both,
+# weight decay, warm-up + cosine LR); the reference is written here in float64 from the
+# definitions: dense ArcFace softmax over all classes (tests/test_partial_fc.py's reference),
+# torch.optim.SGD, clip coefficient min(1, c / (‖g‖ + 1e-6)) for backbone and head separately.
+# Each step is a fresh random batch with random labels (the loss is not expected to fall).
+# Tolerance: the distributed side is fp32 (ε ≈ 1.2e-7); the parameters' distance from the
+# float64 result, relative to how far training moved them, measures ≈ 1e-6 (backbone) and
+# ≤ 5e-7 (head) at every world size; 2e-5 leaves a 20× margin, while a wrong factor is far
+# outside it (backbone gradient × 2 on the unclipped steps: 0.21; head lr without
+# head_lr_mult: 0.69).
+
+WS_SPLIT = {1: (8, 2), 2: (8, 1), 4: (2, 2)}
+WS_STEPS, WS_BATCH, WS_CLASSES, WS_DIM = 3, 16, 10, 16
+TOL_WS = 2e-5
+WS_TRAIN = dict(objective="pfc", model="open_clip:megaclass-tiny-vit", embed_dim=WS_DIM,
+                optimizer="sgd", lr=0.03, head_lr_mult=3.0, weight_decay=0.01, warmup_steps=1,
+                grad_clip=20.0, sample_rate=1.0, margin="arcface", margin_m=0.3, scale=16.0,
+                steps=WS_STEPS, ckpt_every=1000, log_every=1, precision="fp32", zero_stage=0)  # fmt: skip
+PFC_TESTS = REPO / "tests" / "test_partial_fc.py"
+
+
+def _pfc_test_module() -> dict:
+    """tests/test_partial_fc.py's globals: its gloo launcher and its float64 head reference."""
+    import runpy
+
+    return runpy.run_path(str(PFC_TESTS), run_name="test_partial_fc_helpers")
+
+
+def _ws_data():
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(WS_STEPS, WS_BATCH, 3, 32, 32, generator=g)
+    y = torch.randint(0, WS_CLASSES, (WS_STEPS, WS_BATCH), generator=g)
+    w0 = 0.1 * torch.randn(WS_CLASSES, WS_DIM, generator=g)  # head grads ~ backbone grads
+    return x, y, w0
+
+
+def _ws_cfg(run: Path, world: int):
+    from megaclass.pipelines.config import load_config
+
+    micro, accum = WS_SPLIT[world]
+    kv = {**WS_TRAIN, "micro_batch_size": micro, "grad_accum": accum}
+    over = [f"train.{k}={v}" for k, v in kv.items()]
+    return load_config(None, [f"run_dir={run}", "seed=0", "data.image_size=32",
+                              f"cluster.k={WS_CLASSES}", *over])  # fmt: skip
+
+
+def _ws_checks(rank: int, world: int) -> dict:
+    """In a gloo rank: trainer.train() on this rank's slices of the fixed global batches."""
+    from megaclass.training import trainer
+
+    x, y, w0 = _ws_data()
+    micro, accum = WS_SPLIT[world]
+
+    class Slices:  # micro-step j of step t: rows [j·W·m + r·m, +m) of the global batch
+        def __iter__(self):
+            for t in range(WS_STEPS):
+                for j in range(accum):
+                    lo = j * world * micro + rank * micro
+                    yield {"image": x[t, lo : lo + micro], "label": y[t, lo : lo + micro]}
+
+    def head(cfg, env, n):
+        h = trainer.build_head(cfg, env, n)
+        h.load_full_weight(w0)
+        return h
+
+    cfg = _ws_cfg(Path(os.environ["MEGACLASS_WS_RUNS"]) / f"ws{world}", world)
+    trainer.train(cfg, make_loader=lambda *a: Slices(), make_head=head, resume=False)
+    return {"fails": []}
+
+
+if __name__ == "__gloo_worker__":
+    _pfc_test_module()["_worker"](**GLOO, checks=_ws_checks)  # noqa: F821 (set by spawn_gloo)
+
+
+def _ws_reference(ref_loss) -> dict:
+    """float64, one process, the whole global batch per step."""
+    import math
+    import random
+
+    from megaclass.pipelines.config import TrainConfig
+    from megaclass.training.encoders import build_student
+
+    x, y, w0 = _ws_data()
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)  # what trainer.setup() seeds
+    tc = TrainConfig(**WS_TRAIN)
+    model = build_student(tc, 32).double().train()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    w = torch.nn.Parameter(w0.double().clone())
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": tc.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # fmt: skip
+    opt = torch.optim.SGD(groups, lr=tc.lr, momentum=0.9)
+    hopt = torch.optim.SGD([w], lr=tc.lr * tc.head_lr_mult, momentum=0.9, weight_decay=0.01)
+    losses, coefs = [], {"backbone": [], "head": []}
+    for t in range(WS_STEPS):
+        f = 1.0 if t < 1 else 0.5 * (1 + math.cos(math.pi * (t - 1) / (WS_STEPS - 1)))
+        for o, base in ((opt, tc.lr), (hopt, tc.lr * tc.head_lr_mult)):
+            for gr in o.param_groups:
+                gr["lr"] = base * f
+        opt.zero_grad(), hopt.zero_grad()
+        loss = ref_loss("arcface", {"m": 0.3}, model(x[t].double()), w[:, None, :], y[t])
+        loss.backward()
+        losses.append(float(loss.detach()))
+        for part, ps in (("backbone", params), ("head", [w])):
+            norm = float(torch.sqrt(sum(p.grad.pow(2).sum() for p in ps)))
+            coefs[part].append(tc.grad_clip / (norm + 1e-6))
+            for p in ps:
+                p.grad.mul_(min(1.0, coefs[part][-1]))
+        opt.step(), hopt.step()
+    # Clipping must act on some steps and not on others, for both parts, clearly away from
+    # the threshold: clipped steps check the clipping, unclipped ones the gradient's scale
+    # (clipping to a norm hides a wrong scale factor, e.g. a missing 1/W).
+    for part, cs in coefs.items():
+        assert min(cs) < 0.95 and max(cs) > 1.1, (part, cs)
+    return {"losses": losses, "init": init, "model": model.state_dict(), "head": w.detach()}
+
+
+@pytest.fixture(scope="module")
+def ws_reference():
+    return _ws_reference(_pfc_test_module()["ref_loss"])
+
+
+def _rel_err(got: dict, ref: dict, init: dict) -> float:
+    """‖θ − θ_ref‖ / ‖θ_ref − θ_0‖ over all tensors: the error relative to what training moved."""
+    num = sum(float((got[k].double() - ref[k]).pow(2).sum()) for k in ref)
+    den = sum(float((ref[k] - init[k]).pow(2).sum()) for k in ref)
+    return (num / den) ** 0.5
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_training_step_equals_float64_reference(world, ws_reference, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGACLASS_WS_RUNS", str(tmp_path))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    results = _pfc_test_module()["spawn_gloo"](world, timeout=300, script=__file__)
+    fails = [f for r in results for f in r["fails"]]
+    assert not fails, "\n".join(fails)
+    run = tmp_path / f"ws{world}"
+    ref = ws_reference
+    losses = [m["loss"] for m in _metrics(run)]
+    assert losses == pytest.approx(ref["losses"], rel=1e-5), (losses, ref["losses"])
+    ck = run / "train" / "ckpt" / f"step-{WS_STEPS:07d}"
+    module = torch.load(ck / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert set(module) == set(ref["model"])
+    err_backbone = _rel_err(module, ref["model"], ref["init"])
+    head = torch.cat([h["head"]["weight"] for h in _heads(ck, world)])
+    w0 = _ws_data()[2].double()
+    err_head = _rel_err({"w": head}, {"w": ref["head"]}, {"w": w0})
+    print(f"world {world}: relative error backbone {err_backbone:.2e}, head {err_head:.2e}")
+    assert err_backbone < TOL_WS and err_head < TOL_WS, (err_backbone, err_head)

@@ -9,7 +9,12 @@ import pytest
 import torch
 from megaclass.pipelines.config import ConfigError, TrainConfig
 from megaclass.training import checkpoint as ckpt
-from megaclass.training.engine import WarmupCosine, build_ds_config, map_launcher_env
+from megaclass.training.engine import (
+    WarmupCosine,
+    build_ds_config,
+    check_precision,
+    map_launcher_env,
+)
 from megaclass.training.metrics import MetricsLogger
 
 
@@ -61,6 +66,49 @@ def test_ds_config_from_train_config_and_user_merge(tmp_path):
     tc.zero_stage = 3
     with pytest.raises(ConfigError, match="zero_stage"):
         build_ds_config(tc, 1)
+
+
+def test_half_precision_refused_where_deepspeed_cannot_run_it(tmp_path):
+    """fp16 on DeepSpeed's CPU accelerator needs oneDNN fp16 kernels (absent on most CPUs):
+    refused up front with an error naming train.precision, from our key or a user's ds_config."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    fp16 = build_ds_config(TrainConfig(precision="fp16"), 1)
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"fp16": {"enabled": True}}))
+    via_file = build_ds_config(TrainConfig(precision="fp32", ds_config=str(user)), 1)
+    for ds in (fp16, via_file):
+        if acc.is_fp16_supported():  # a GPU (or an fp16-capable CPU) runs it
+            check_precision(ds, acc)
+        else:
+            with pytest.raises(ConfigError, match=r"train\.precision: fp16 is not supported"):
+                check_precision(ds, acc)
+    check_precision(build_ds_config(TrainConfig(precision="fp32"), 1), acc)
+    if acc.is_bf16_supported():
+        check_precision(build_ds_config(TrainConfig(precision="bf16"), 1), acc)
+
+
+@pytest.mark.parametrize("unsampled", [False, True])
+def test_trainer_head_optimizer_follows_head_update_unsampled(unsampled):
+    """train.head_update_unsampled=false: AdamW + weight decay touch only the sampled rows."""
+    from megaclass.training.heads import PartialFC
+    from megaclass.training.trainer import make_head_optimizer
+
+    tc = TrainConfig(head_update_unsampled=unsampled, lr=0.1, head_lr_mult=2.0, weight_decay=0.1)
+    head = PartialFC(200, 8, sample_rate=0.1, margin="cosface", m=0.35, scale=16.0)
+    opt = make_head_optimizer(head, tc)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
+    w0, sampled = head.weight.detach().clone(), set()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        head(torch.randn(4, 8, generator=g), torch.tensor([3, 5, 7, 3])).backward()
+        sampled |= set(head.last_sample.class_index.tolist())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    changed = set((head.weight.detach() != w0).any(1).nonzero().squeeze(1).tolist())
+    assert {3, 5, 7} <= changed
+    assert changed == (set(range(200)) if unsampled else sampled) and len(sampled) <= 40
 
 
 def test_warmup_cosine():
