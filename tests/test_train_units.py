@@ -224,3 +224,28 @@ def test_metrics_truncated_to_resumed_step(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3] and lines[-1]["loss"] is None
     assert any((tmp_path / "tb").iterdir())
+
+
+def test_train_loader_refuses_labels_from_other_centroids(tmp_path, tiny_dataset):
+    """The trainer's loader expects the sha of RUN/cluster/centroids; stale sidecars fail."""
+    import shutil
+
+    from megaclass.data.labels import LabelShaMismatchError
+    from megaclass.pipelines.config import load_config
+    from megaclass.training.engine import DistEnv
+    from megaclass.training.trainer import build_loader
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_dataset["labels_dir"], run / "labels")
+    (run / "cluster").mkdir()
+    shards = "::".join(tiny_dataset["shards"])
+    cfg = load_config(None, [f"run_dir={run}", f"data.shards={shards}", "data.num_workers=0",
+                             "data.image_size=16", "train.micro_batch_size=4"])  # fmt: skip
+    env = DistEnv(0, 0, 1, torch.device("cpu"), "gloo")
+    tf = lambda im: torch.zeros(3, 16, 16)  # noqa: E731
+    (run / "cluster" / "centroids.sha256").write_text(tiny_dataset["sha"])
+    batch = next(iter(build_loader(cfg, env, tf)))
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["label"].shape[0] == 4
+    (run / "cluster" / "centroids.sha256").write_text("0123abcd")  # re-clustered since
+    with pytest.raises(LabelShaMismatchError, match="0123abcd"):
+        next(iter(build_loader(cfg, env, tf)))
