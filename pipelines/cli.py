@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from megaclass.pipelines.config import ConfigError, config_help, load_config
+from megaclass.pipelines.rundir import ConfigChangedError
 
 # sub-command -> "module:function"; each function takes (cfg: RunConfig, force: bool) -> dict.
 STAGE_ENTRYPOINTS = {
@@ -120,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except ConfigError as e:
         print(f"megaclass: config error: {e}", file=sys.stderr)
+        return 2
+    except ConfigChangedError as e:
+        print(f"megaclass: {e}", file=sys.stderr)
         return 2
     return 1
 

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from megaclass.pipelines.config import ConfigError, RunConfig, load_config
-from megaclass.pipelines.rundir import RunDir
+from megaclass.pipelines.rundir import ConfigChangedError, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         run_pipeline(cfg, force=args.force, stages=stages)
     except ConfigError as e:
         print(f"megaclass run: config error: {e}", file=sys.stderr)
+        return 2
+    except ConfigChangedError as e:
+        print(f"megaclass run: {e}", file=sys.stderr)
         return 2
     return 0  # an interrupted (checkpointed) training also exits 0, like the trainer
 

@@ -125,3 +125,15 @@ def test_stale_temporaries_of_the_starting_stage_are_removed(tmp_path):
     assert all((run / rel).exists() == kept for rel, kept in files.items())
     assert [p.name for p in remove_stale_temporaries(run, "report")] == [".tmp-report.json.x6"]
     assert remove_stale_temporaries(tmp_path / "absent", "eval") == []
+
+
+def test_cli_refuses_a_changed_config_with_a_message(tmp_path, capsys):
+    from megaclass.pipelines.cli import main as cli_main
+    from megaclass.pipelines.rundir import RunDir
+
+    run = tmp_path / "run"
+    RunDir(run).write_config(load_config(None, [f"run_dir={run}", "cluster.k=5"]))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"run_dir": str(run)}))
+    assert cli_main(["run", str(tmp_path / "c.yaml"), "cluster.k=6"]) == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "cluster.k: 5 -> 6" in err and "Traceback" not in err
