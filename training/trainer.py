@@ -21,7 +21,6 @@ their rows. The result is the same update for any number of ranks.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import signal
@@ -227,7 +226,9 @@ def forward_loss(st: TrainState, batch: dict[str, Any]) -> torch.Tensor:
 
 def head_grad_prepare(st: TrainState) -> None:
     """Undo DeepSpeed's fp16 loss scale on the head's gradients (the engine does it only for its
-    own), then clip them by their global norm over all head shards (one scalar all-reduce)."""
+    own), then clip them by their global norm over all head shards (one scalar all-reduce).
+    No host sync: the clip factor min(1, clip / (norm + 1e-6)) stays a device tensor (1 when
+    the norm is not finite); the norm is read only when metrics are logged."""
     scale = _engine_loss_scale(st.engine)
     params = [p for p in st.head.parameters() if p.grad is not None]
     if scale != 1.0:
@@ -235,16 +236,17 @@ def head_grad_prepare(st: TrainState) -> None:
             p.grad.mul_(1.0 / scale)
     clip = st.cfg.train.grad_clip
     if clip > 0 and params:
-        sq = torch.zeros(1, dtype=torch.float64, device=st.env.device)
+        sq = torch.zeros((), dtype=torch.float64, device=st.env.device)
         for p in params:
             g = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
             sq += g.double().pow(2).sum()
         dist.all_reduce(sq)
-        norm = float(sq.sqrt())
+        norm = sq.sqrt()
         st.extra["head_grad_norm"] = norm
-        if math.isfinite(norm) and norm > clip:
-            for p in params:
-                p.grad.mul_(clip / (norm + 1e-6))
+        coef = (clip / (norm + 1e-6)).clamp(max=1.0)
+        coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef)).float()
+        for p in params:
+            p.grad.mul_(coef)
 
 
 # ======================================================================================
@@ -566,11 +568,15 @@ class _Window:
             "samples_per_s": self.steps * global_batch / dt,
             "data_wait_share": self.wait / dt,
             "grad_norm": float(gn) if gn is not None else None,
-            "head_grad_norm": st.extra.get("head_grad_norm"),
+            "head_grad_norm": _as_float(st.extra.get("head_grad_norm")),
             "bad_steps": st.bad_total,
             "samples": st.samples,
             "time": time.time(),
         }
+
+
+def _as_float(x: Any) -> float | None:
+    return None if x is None else float(x)
 
 
 def _progress(total: int, initial: int, enabled: bool):
