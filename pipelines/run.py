@@ -129,6 +129,33 @@ def remove_stale_temporaries(run_dir: str | Path, stage: str) -> list[Path]:
     return removed
 
 
+def check_labels_for_training(cfg: RunConfig) -> None:
+    """Refuse to train when no training shard has a label sidecar (all samples would be skipped).
+
+    The trainer joins labels to a shard through ``<labels dir>/<shard stem>.parquet``. Labels
+    assigned on bring-your-own embeddings are named after the embedding files (LAION's
+    published parts: ``metadata_<i>``), which are not the training shards.
+    """
+    if cfg.train.objective == "siglip":  # trains on the captions, no labels
+        return
+    from megaclass.data.labels import label_path
+    from megaclass.data.shards import expand_shards, shard_stem
+
+    labels_dir = Path(cfg.assign.labels_dir or RunDir(cfg.run_dir).labels)
+    shards = expand_shards(cfg.data.shards)
+    if any(label_path(labels_dir, shard_stem(u)).exists() for u in shards):
+        return  # the loader warns about (and counts) shards without a sidecar
+    present = sorted(p.stem for p in labels_dir.glob("*.parquet") if not p.name.startswith("."))
+    raise ConfigError(
+        f"none of the {len(shards)} training shards (data.shards, e.g. "
+        f"{shard_stem(shards[0])!r}) has a label sidecar <shard stem>.parquet in {labels_dir} "
+        f"(it holds {len(present)}: {', '.join(present[:3]) or 'none'}{', …' if len(present) > 3 else ''}). "
+        "Labels are joined to a training shard by its name: embeddings (and so labels) must be "
+        "per training shard, e.g. from the embed stage run on data.shards; labels assigned on "
+        "embedding files named otherwise (LAION's metadata_<i>) need regrouping per shard first."
+    )
+
+
 def _entry(stage: str) -> Any:
     mod, fn = ENTRYPOINTS[stage].split(":")
     return getattr(importlib.import_module(mod), fn)
@@ -180,6 +207,7 @@ def run_pipeline(
         t0 = time.time()
         remove_stale_temporaries(cfg.run_dir, p.stage)
         if p.stage == "train":
+            check_labels_for_training(cfg)
             _shutdown_local_ray()
         if p.stage == "report":
             summary = _entry("report")(cfg.run_dir)

@@ -137,3 +137,26 @@ def test_cli_refuses_a_changed_config_with_a_message(tmp_path, capsys):
     assert cli_main(["run", str(tmp_path / "c.yaml"), "cluster.k=6"]) == 2
     err = capsys.readouterr().err
     assert "different config" in err and "cluster.k: 5 -> 6" in err and "Traceback" not in err
+
+
+def test_training_without_any_matching_label_sidecar_is_refused(tmp_path):
+    from megaclass.pipelines.run import check_labels_for_training
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for i in range(4):  # what assign writes for LAION's published embedding parts
+        (labels / f"metadata_{i}.parquet").write_bytes(b"")
+    spec = f"{tmp_path}/shards/{{00000..00009}}.tar"
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.shards={spec}",
+                             f"assign.labels_dir={labels}"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"none of the 10 training shards.*'00000'.*metadata_0"):
+        check_labels_for_training(cfg)
+    siglip = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.shards={spec}",
+                                f"assign.labels_dir={labels}", "train.objective=siglip"])  # fmt: skip
+    check_labels_for_training(siglip)  # no labels needed
+    (labels / "00003.parquet").write_bytes(b"")
+    check_labels_for_training(cfg)  # one shard has labels: the loader counts the others
+    # the run's own labels folder is the default
+    own = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.shards={spec}"])
+    with pytest.raises(ConfigError, match="holds 0: none"):
+        check_labels_for_training(own)
