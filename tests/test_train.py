@@ -550,3 +550,17 @@ def test_training_step_equals_float64_reference(world, ws_reference, tmp_path, m
     err_head = _rel_err({"w": head}, {"w": ref["head"]}, {"w": w0})
     print(f"world {world}: relative error backbone {err_backbone:.2e}, head {err_head:.2e}")
     assert err_backbone < TOL_WS and err_head < TOL_WS, (err_backbone, err_head)
+
+
+def test_train_step_benchmark_smoke(tmp_path):
+    """benchmarks/train_step.py end to end with tiny settings (one process): it must finish."""
+    out = tmp_path / "bench.json"
+    cmd = [PY, str(REPO / "benchmarks" / "train_step.py"), "--steps", "2", "--warmup", "2",
+           "--rounds", "1", "--batch", "4", "--classes", "50", "--loader-samples", "32",
+           "--out", str(out)]  # fmt: skip
+    _check(subprocess.run(cmd, env=_env(TMPDIR=str(tmp_path)), capture_output=True, text=True,
+                          timeout=300, cwd=REPO))  # fmt: skip
+    res = json.loads(out.read_text())
+    assert res["world_size"] == 1 and res["ratio_ours_over_ddp"] > 0
+    assert 0 <= res["data_wait_share"] <= 1 and res["real_loader_samples_per_s"] > 0
+    assert not (tmp_path / "megaclass-bench-train").exists()  # cleaned up
