@@ -1,7 +1,7 @@
 """``megaclass run``: which stages run or are skipped, and bring-your-own inputs, on real files.
 
-The full kill-during-each-stage / restart test needs every stage and the demo data; it lives
-with the demo (lead). Here the real cluster and assign stages run on tiny embeddings.
+The kill-during-each-stage / restart test of the whole pipeline is tests/test_run_kill.py.
+Here the real cluster and assign stages run on tiny embeddings.
 """
 
 from __future__ import annotations
