@@ -212,6 +212,35 @@ class _StreamConfig:
     seed_transforms: bool
 
 
+class _Starvation:
+    """Resampled mode draws shards forever; if every sample of every draw is skipped (no label
+    sidecars, all samples rejected) the stream would loop silently. Stop with an error after
+    ``3 × len(shards)`` (at least 10) consecutive shard draws that gave no usable sample."""
+
+    def __init__(self, c: _StreamConfig, worker: int) -> None:
+        self.c, self.worker = c, worker
+        self.limit = max(10, 3 * len(c.shards))
+        self.draws_since_sample = 0
+
+    def shards(self, urls: Iterator[str]) -> Iterator[str]:
+        for url in urls:
+            if self.draws_since_sample >= self.limit:
+                raise RuntimeError(
+                    f"TrainLoader (rank {self.c.rank}, worker {self.worker}): "
+                    f"{self.draws_since_sample} shard draws in a row gave no usable sample "
+                    f"(resampled mode would loop forever): every sample was skipped — check "
+                    f"that labels_dir={self.c.labels_dir!r} has a sidecar per shard, and the "
+                    f"skip reasons in the loader stats"
+                )
+            self.draws_since_sample += 1
+            yield url
+
+    def samples(self, items: Iterator[tuple]) -> Iterator[tuple]:
+        for item in items:
+            self.draws_since_sample = 0
+            yield item
+
+
 class _WorkerStreams(IterableDataset):
     """The per-(rank, worker) batch streams; iterated inside DataLoader workers or in-process."""
 
@@ -246,9 +275,13 @@ class _WorkerStreams(IterableDataset):
         c = self.cfg
         stats = _EventStats()
         rng = np.random.default_rng([c.seed, self.epoch, c.rank, worker, 0xB0F])
-        draws = _shuffled(
-            _LabelledStream(c, stats)(self.worker_shards(worker)), c.shuffle_buffer, rng
-        )
+        labelled = _LabelledStream(c, stats)
+        if c.resampled:  # endless shard draws: an all-skipped stream would spin forever
+            starve = _Starvation(c, worker)
+            samples = starve.samples(labelled(starve.shards(self.worker_shards(worker))))
+        else:
+            samples = labelled(self.worker_shards(worker))
+        draws = _shuffled(samples, c.shuffle_buffer, rng)
         index = 0
         for _ in range(self.drawn[worker]):  # fast-forward: no decoding
             if next(draws, None) is None:

@@ -195,3 +195,23 @@ def test_two_live_iterations_are_refused(tiny_dataset):
     next(new)
     with pytest.raises(RuntimeError, match="newer iteration"):
         next(old)
+
+
+def test_resampled_stream_without_any_usable_sample_raises(tiny_dataset, tmp_path):
+    """Resampled mode draws shards forever: with no label sidecar at all it must stop with an
+    error naming labels_dir, not spin (it did: a benchmark hung on exactly this)."""
+    empty = tmp_path / "no-labels"
+    empty.mkdir()
+    a = TrainLoader(
+        tiny_dataset["shards"],
+        batch_size=4,
+        labels_dir=str(empty),
+        centroid_sha=tiny_dataset["sha"],
+        resampled=True,
+        check_labels=False,
+    )
+    with pytest.raises(RuntimeError, match="no-labels"):
+        next(iter(a))
+    # with the sidecars present the same resampled loader keeps producing batches
+    b = _loader(tiny_dataset, resampled=True)
+    assert len(_take(iter(b), 3)) == 3
