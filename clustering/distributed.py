@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 
 import numpy as np
 import ray
@@ -57,7 +58,15 @@ class LloydWorker:
         return True
 
     def load(self, x: np.ndarray) -> int:
-        self.x = torch.from_numpy(np.array(x, dtype=np.float32, copy=True)).to(self.device)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.device.type == "cpu" and not x.flags.writeable:
+            # Ray hands large arrays over zero-copy from its object store (read-only). The slice
+            # is only ever read, so keep that buffer rather than copying it once more.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*not writable.*")
+                self.x = torch.from_numpy(x)
+        else:
+            self.x = torch.from_numpy(np.array(x, copy=True)).to(self.device)
         return int(self.x.shape[0])
 
     def unload(self) -> None:

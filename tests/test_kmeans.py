@@ -5,12 +5,14 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
+import torch
 from megaclass.clustering.hierarchical import allocate
 from megaclass.clustering.kmeans import KMeansParams, init_centroids, train_kmeans
 from megaclass.clustering.lloyd import (
     assign_reduce,
     chunked_topk,
     lloyd_reference,
+    row_argmax,
     update_centroids,
 )
 from megaclass.clustering.search import CentroidSearcher, build_tree, tree_topk
@@ -26,16 +28,34 @@ def _brute(x: np.ndarray, c: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
 
 
 @pytest.mark.parametrize("topk", [1, 5])
-@pytest.mark.parametrize("chunk,block", [(7, 1 << 20), (64, 300), (1000, 1 << 24)])
+@pytest.mark.parametrize("chunk,block", [(7, 1 << 20), (64, 300), (64, 40), (1000, 1 << 24)])
 def test_chunked_topk_equals_brute_force(topk: int, chunk: int, block: int) -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((301, 12)).astype(np.float32)
     c = rng.standard_normal((97, 12)).astype(np.float32)
-    # block=300 forces several centroid blocks per row chunk (the running top-k merge)
+    # block=300: 3 rows per block; block=40: 40 centroids per block, so 3 centroid blocks per
+    # row (the running top-k merge across centroid blocks)
     lab, sc = chunked_topk(x, c, topk, chunk_size=chunk, block=block)
     ref_i, ref_s = _brute(x, c, topk)
     np.testing.assert_array_equal(lab, ref_i)
     np.testing.assert_allclose(sc, ref_s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (1, 64), (5, 63), (40, 100), (64, 1024), (9, 17)])
+def test_row_argmax_equals_torch_max_including_ties(shape: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1])
+    s = torch.randn(shape, generator=g)
+    if shape[0] >= 4 and shape[1] >= 64:
+        # (16 lanes) a tie across lanes in the opposite order of the indices: 5 (lane 5) wins
+        # over 18 (lane 2); a tie inside one lane (21, 37); a tie with the last column
+        s[1, [5, 18]] = 9.0
+        s[2, [37, 21]] = 9.0
+        s[3, [shape[1] - 1, 18]] = 9.0
+    heavy = torch.round(s * 2) / 2  # many ties per row
+    for t in (s, heavy, -heavy):
+        v, i = row_argmax(t)
+        v0, i0 = t.max(dim=1)
+        assert torch.equal(v, v0) and torch.equal(i, i0)
 
 
 def test_topk_larger_than_k_is_an_error() -> None:
@@ -43,10 +63,13 @@ def test_topk_larger_than_k_is_an_error() -> None:
         chunked_topk(np.ones((2, 3), np.float32), np.ones((3, 3), np.float32), 4)
 
 
-def test_assign_reduce_matches_dense() -> None:
+@pytest.mark.parametrize("chunk,block", [(33, 1 << 21), (33, 60), (100000, 5)])
+def test_assign_reduce_matches_dense(chunk: int, block: int) -> None:
     x, _ = planted_sphere(500, 6, 8, 0.5, 1)
     c = init_centroids(x, 6, 0)
-    sums, counts, obj = assign_reduce(x, c, chunk_size=33)
+    # block=60: 10-row blocks, float32 partial sums flushed every 40 rows; block=5: centroid
+    # blocks of 5 (running maximum across two blocks), one row per block, one flush at the end
+    sums, counts, obj = assign_reduce(x, c, chunk_size=chunk, block=block)
     s = x.astype(np.float64) @ c.T.astype(np.float64)
     lab = s.argmax(1)
     ref = np.zeros((6, 8))
