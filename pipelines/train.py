@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from megaclass.data.atomic import write_json_atomic
@@ -104,7 +106,7 @@ def _launch_local(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         head += ["-m", "megaclass.pipelines.train"]
     cmd = [sys.executable, *head, str(rd.config_path)]
     log.info("launching: %s", " ".join(cmd))
-    res = subprocess.run(cmd)
+    res = run_tied_to_parent(cmd)
     if res.returncode != 0:
         raise RuntimeError(f"the training ranks exited with {res.returncode}: {' '.join(cmd)}")
     success = rd.train / "_SUCCESS.json"
@@ -113,6 +115,32 @@ def _launch_local(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
 
         return json.loads(success.read_text())
     return {"interrupted": True}
+
+
+def run_tied_to_parent(cmd: list[str]) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd)``, but on Linux the child gets SIGTERM when this process dies.
+
+    The launcher (torchrun / deepspeed) starts the ranks in sessions of their own, so a killed
+    driver (SIGKILL, OOM) would otherwise leave them training on — and a restarted run would
+    then train twice into one run directory. torchrun forwards the SIGTERM to the ranks, whose
+    signal handler checkpoints and exits; the restart resumes from that checkpoint.
+    """
+    return subprocess.run(cmd, preexec_fn=_die_with_parent(os.getpid()))
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:  # runs in the child between fork and exec
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def _free_port() -> int:

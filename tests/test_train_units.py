@@ -249,3 +249,49 @@ def test_train_loader_refuses_labels_from_other_centroids(tmp_path, tiny_dataset
     (run / "cluster" / "centroids.sha256").write_text("0123abcd")  # re-clustered since
     with pytest.raises(LabelShaMismatchError, match="0123abcd"):
         next(iter(build_loader(cfg, env, tf)))
+
+
+def test_launched_ranks_die_with_a_killed_driver(tmp_path):
+    """The train stage's launcher child is tied to the driver: SIGKILL the driver and the
+    child (standing in for torchrun) gets SIGTERM instead of training on unattended."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = (
+        "import os, pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\n"
+        "time.sleep(120)\n"
+    )
+    driver = (
+        "import sys\n"
+        "from megaclass.pipelines.train import run_tied_to_parent\n"
+        f"run_tied_to_parent([sys.executable, '-c', {child!r}])\n"
+    )
+    d = subprocess.Popen([sys.executable, "-c", driver])
+    try:
+        deadline = time.time() + 60
+        while not pid_file.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        child_pid = int(pid_file.read_text())
+        os.kill(d.pid, signal.SIGKILL)
+        d.wait()
+
+        def alive(pid: int) -> bool:
+            try:
+                state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:
+                return False
+            return state not in ("Z", "X")
+
+        deadline = time.time() + 20
+        while alive(child_pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not alive(child_pid), "the launcher child outlived its killed driver"
+    finally:
+        if d.poll() is None:
+            d.kill()
