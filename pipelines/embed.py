@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 # Skip reasons that mean "the shard could not be read", not "a sample was bad": such a shard is
 # retried and then reported as failed instead of being recorded as done with zero rows.
 SHARD_FAILURE_REASONS = ("unreadable_shard",)
+# Ray Data block size while embedding: smaller than one chunk of pixels, so every chunk travels
+# as its own block (streams to the actors as soon as it is decoded).
+BLOCK_BYTES = 1 << 20
 
 
 class EmbedError(RuntimeError):
@@ -248,10 +251,46 @@ def decode_shard(
 # --------------------------------------------------------------------------------------
 
 
+# Fault injection for the retry tests: ``MEGACLASS_EMBED_FAULT="<stem>:<n>[,<stem>:<n>…]"`` makes
+# the teacher step raise on every chunk of shard <stem> in passes 1..n (n large: always). Read
+# by the driver and handed to the actors, so it works whatever environment Ray's workers have.
+EMBED_FAULT_ENV = "MEGACLASS_EMBED_FAULT"
+
+
+def _fault_plan() -> dict[str, int]:
+    spec = os.environ.get(EMBED_FAULT_ENV, "").strip()
+    plan: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        stem, _, n = item.rpartition(":")
+        if not stem or not n.isdigit():
+            raise ValueError(f"{EMBED_FAULT_ENV}={spec!r}: expected '<stem>:<passes>[,…]'")
+        plan[stem] = int(n)
+    return plan
+
+
+def actor_threads(num_cpus_per_actor: float) -> int:
+    """Torch threads of a teacher actor: its CPU reservation, rounded (at least 1).
+
+    Fractional reservations let a small machine give the actors every core while the decode
+    tasks, idle most of the time next to a CPU teacher, keep a small one: on 2 cores one actor
+    with 1.5 CPUs runs 2 threads, or two actors with 0.75 CPUs run 1 thread each, next to a
+    0.5-CPU decoder (configs/demo.yaml).
+    """
+    return max(1, int(round(num_cpus_per_actor)))
+
+
 class TeacherActor:
     """Holds one frozen teacher; each call embeds one chunk (batch_size=1 row of map_batches)."""
 
-    def __init__(self, spec: TeacherSpec, num_threads: int, use_gpu: bool) -> None:
+    def __init__(
+        self,
+        spec: TeacherSpec,
+        num_threads: int,
+        use_gpu: bool,
+        attempt: int = 1,
+        faults: dict[str, int] | None = None,
+    ) -> None:
+        t0 = time.time()
         import torch
         from megaclass.training.teachers import load_teacher
 
@@ -261,6 +300,8 @@ class TeacherActor:
         self.teacher = load_teacher(
             spec.image_teacher, spec.text_teacher, spec.pretrained, device, spec.image_size
         )
+        self.fail_stems = {s for s, n in (faults or {}).items() if attempt <= n}
+        self.init_s = time.time() - t0
 
     def _one(self, row: dict[str, Any]) -> dict[str, Any]:
         import torch
@@ -268,12 +309,14 @@ class TeacherActor:
         out = dict(row)
         out.pop("pixels", None)
         out.update(img=b"", txt=b"", img_dim=self.teacher.image_dim, encode_s=0.0)
-        out.update(t_start=time.time(), t_end=0.0)
+        out.update(t_start=time.time(), t_end=0.0, init_s=self.init_s)
         out["txt_dim"] = int(self.teacher.text_dim or 0)
         if row["error"]:
             return out
         try:
             t0 = time.perf_counter()
+            if row["stem"] in self.fail_stems:
+                raise RuntimeError(f"injected fault ({EMBED_FAULT_ENV})")
             shape = json.loads(row["shape"])
             n = int(row["n"])
             if n:
@@ -433,7 +476,26 @@ def _connect_ray(cfg: RunConfig) -> bool:
     return True
 
 
-def _build_dataset(cfg: RunConfig, spec: TeacherSpec, shards: list[tuple[str, str]]) -> Any:
+def _check_local_cpus(cfg: RunConfig) -> None:
+    """On a local Ray, refuse reservations that can never be scheduled (Ray Data would wait forever)."""
+    import ray
+
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS", "local") != "local":
+        return  # a cluster may scale up; Ray reports what it cannot place
+    e = cfg.embed
+    need = e.concurrency * e.num_cpus_per_actor + e.num_cpus_per_decoder
+    have = float(ray.cluster_resources().get("CPU", 0.0))
+    if need > have + 1e-9:
+        raise ValueError(
+            f"embed: embed.concurrency={e.concurrency} x embed.num_cpus_per_actor="
+            f"{e.num_cpus_per_actor} + embed.num_cpus_per_decoder={e.num_cpus_per_decoder} need "
+            f"{need:g} CPUs, the local Ray has {have:g} (ray.num_cpus); lower the reservations"
+        )
+
+
+def _build_dataset(
+    cfg: RunConfig, spec: TeacherSpec, shards: list[tuple[str, str]], attempt: int = 1
+) -> Any:
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -455,8 +517,10 @@ def _build_dataset(cfg: RunConfig, spec: TeacherSpec, shards: list[tuple[str, st
         TeacherActor,
         fn_constructor_kwargs={
             "spec": spec,
-            "num_threads": max(1, int(round(e.num_cpus_per_actor))),
+            "num_threads": actor_threads(e.num_cpus_per_actor),
             "use_gpu": e.num_gpus_per_actor > 0,
+            "attempt": attempt,
+            "faults": _fault_plan(),
         },
         batch_size=1,
         batch_format="numpy",
@@ -486,11 +550,15 @@ def _run_pass(
 
     pending = {stem: _Pending(url, stem) for url, stem in todo}
     ctx = DataContext.get_current()
-    saved = (ctx.max_errored_blocks, ctx.enable_progress_bars)
+    saved = (ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.target_max_block_size)
     ctx.max_errored_blocks = -1  # lost blocks show up as incomplete shards and are retried
     ctx.enable_progress_bars = False
+    # Stream chunk by chunk: with Ray's default (128 MiB) a decode task would hand over a whole
+    # shard as one block, so the actor waits for the shard's last image before its first
+    # forward pass, and the pipeline fills and drains shard by shard.
+    ctx.target_max_block_size = BLOCK_BYTES
     try:
-        ds = _build_dataset(cfg, spec, todo)
+        ds = _build_dataset(cfg, spec, todo, attempt)
         for row in ds.iter_rows():
             stem = str(row["stem"])
             p = pending.get(stem)
@@ -498,6 +566,7 @@ def _run_pass(
                 continue
             if not p.first_seen:
                 p.first_seen = time.perf_counter()
+            totals["actor_init_s"] = max(totals["actor_init_s"], float(row["init_s"]))
             if row["t_end"]:  # steady-state clock: the actors' first chunk start to last end
                 t_first = totals["t_first"] or float(row["t_start"])
                 totals["t_first"] = min(t_first, float(row["t_start"]))
@@ -526,7 +595,7 @@ def _run_pass(
         for p in pending.values():
             p.error = p.error or f"ray: {type(e).__name__}: {e}"
     finally:
-        ctx.max_errored_blocks, ctx.enable_progress_bars = saved
+        ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.target_max_block_size = saved
     out = {}
     for stem, p in pending.items():
         n = p.n_chunks if p.n_chunks is not None else "?"
@@ -661,12 +730,18 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     )
 
     failed: dict[str, str] = {}
-    totals = dict(samples=0.0, rows=0.0, t0=time.perf_counter(), t_first=0.0, t_last=0.0)
+    totals = dict(
+        samples=0.0, rows=0.0, t0=time.perf_counter(), t_first=0.0, t_last=0.0, actor_init_s=0.0
+    )
     if todo:
+        t_connect = time.perf_counter()
         started = _connect_ray(cfg)
+        totals["ray_init_s"] = time.perf_counter() - t_connect
         bar = tqdm(total=len(todo), unit="shard", desc="embed", dynamic_ncols=True)
         try:
+            _check_local_cpus(cfg)
             totals["t0"] = time.perf_counter()
+            totals["t0_wall"] = time.time()
             remaining = todo
             for attempt in range(1, cfg.embed.max_retries + 2):
                 result = _run_pass(
@@ -687,7 +762,9 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             if started:
                 import ray
 
+                t_stop = time.perf_counter()
                 ray.shutdown()
+                totals["ray_shutdown_s"] = time.perf_counter() - t_stop
 
     wall = time.perf_counter() - t_start
     records = [
@@ -720,7 +797,22 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             if totals["t_last"] > totals["t_first"]
             else None
         ),
-        "ray": {"address": cfg.ray.address, "concurrency": cfg.embed.concurrency},
+        "timing": {  # where the wall time went (seconds)
+            "ray_init": round(totals.get("ray_init_s", 0.0), 3),
+            "actor_startup": round(totals["actor_init_s"], 3),
+            "first_forward_after": (
+                round(totals["t_first"] - totals["t0_wall"], 3) if totals["t_first"] else None
+            ),
+            "steady": round(max(totals["t_last"] - totals["t_first"], 0.0), 3),
+            "ray_shutdown": round(totals.get("ray_shutdown_s", 0.0), 3),
+        }
+        if todo
+        else None,
+        "ray": {
+            "address": cfg.ray.address,
+            "concurrency": cfg.embed.concurrency,
+            "threads_per_actor": actor_threads(cfg.embed.num_cpus_per_actor),
+        },
     }
     finish_stage(embed_dir, summary, cfg.embed.max_retries + 1, cfg.embed.allow_failed_shards)
     logger.info(

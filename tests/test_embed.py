@@ -22,8 +22,11 @@ from megaclass.data.stats import SampleStats
 from megaclass.data.writer import ShardWriter
 from megaclass.pipelines.config import DataConfig, EmbedConfig, RayConfig, RunConfig, load_config
 from megaclass.pipelines.embed import (
+    EMBED_FAULT_ENV,
     EmbedError,
     TeacherSpec,
+    _fault_plan,
+    actor_threads,
     done_matches,
     finish_stage,
     input_signature,
@@ -230,6 +233,58 @@ def test_failing_shards_are_retried_then_reported(local_ray, tmp_path, corrupt_s
     finish_stage(embed_dir, failed, attempts=3, allow_failed=True)
     success = json.loads((embed_dir / "_SUCCESS.json").read_text())
     assert list(success["failed"]) == [garbage] and success["shards_embedded"] == 3
+
+
+def test_teacher_errors_are_retried_then_reported(local_ray, tmp_path, monkeypatch):
+    """The teacher step raises (injected in the actors): one shard fails in the first pass only
+    and is written by the retry pass; one fails in every pass and is reported while the others
+    finish; a later run without the fault completes the stage."""
+    shards = make_shards(tmp_path / "shards", [5, 6, 4], seed=9)
+    ok, flaky, bad = (shard_stem(u) for u in shards)
+    monkeypatch.setenv(EMBED_FAULT_ENV, f"{flaky}:1,{bad}:99")
+    cfg = cfg_for(tmp_path / "run", shards, text_teacher="none", max_retries=1)
+    embed_dir = RunDir(cfg.run_dir).embed
+    with pytest.raises(EmbedError, match=rf"{bad}\.tar.*injected fault"):
+        run_embed(cfg)
+    assert RunDir.read_done(embed_dir, ok)["attempt"] == 1
+    assert RunDir.read_done(embed_dir, flaky)["attempt"] == 2  # failed once, retried, written
+    assert RunDir.read_done(embed_dir, bad) is None
+    assert not (embed_dir / "img_emb" / f"{bad}.npy").exists()
+    failed = json.loads((embed_dir / "_FAILED.json").read_text())
+    assert list(failed["failed"]) == [shards[2]]
+    assert failed["failed"][shards[2]].startswith("teacher: RuntimeError: injected fault")
+    assert (failed["shards_embedded"], failed["shards_failed"], failed["rows"]) == (2, 1, 11)
+    assert not (embed_dir / "_SUCCESS.json").exists()
+    ref = plain_loop(shards, TINY, "none", 4, 100_000)
+    for stem in (ok, flaky):  # the retried shard's vectors are the plain loop's
+        img, _, meta = read_stem(embed_dir, stem)
+        assert meta["key"] == ref[stem]["keys"]
+        np.testing.assert_allclose(img.astype(np.float32), ref[stem]["img"], atol=2e-3)
+
+    monkeypatch.delenv(EMBED_FAULT_ENV)
+    again = run_embed(cfg)  # the reported shard is the only one left, and now goes through
+    assert (again["shards_done_before"], again["shards_embedded"], again["rows"]) == (2, 1, 15)
+    assert not (embed_dir / "_FAILED.json").exists() and (embed_dir / "_SUCCESS.json").exists()
+    img, _, _ = read_stem(embed_dir, bad)
+    np.testing.assert_allclose(img.astype(np.float32), ref[bad]["img"], atol=2e-3)
+
+
+def test_unschedulable_reservations_are_an_error(local_ray, tmp_path):
+    shards = make_shards(tmp_path / "shards", [2])
+    cfg = cfg_for(tmp_path / "run", shards, concurrency=2, num_cpus_per_actor=1.0)
+    with pytest.raises(
+        ValueError, match=r"embed.concurrency=2 .* need 3 CPUs, the local Ray has 2"
+    ):
+        run_embed(cfg)  # 2 actors + a decoder at 1 CPU each would wait forever on 2 CPUs
+
+
+def test_fault_plan_parsing(monkeypatch):
+    monkeypatch.setenv(EMBED_FAULT_ENV, "a:1, dir-b:99")
+    assert _fault_plan() == {"a": 1, "dir-b": 99}
+    monkeypatch.setenv(EMBED_FAULT_ENV, "a")
+    with pytest.raises(ValueError, match=EMBED_FAULT_ENV):
+        _fault_plan()
+    assert [actor_threads(c) for c in (0.25, 0.75, 1.0, 1.5, 4.0)] == [1, 1, 1, 2, 4]
 
 
 def test_bring_your_own_embeddings(tmp_path):

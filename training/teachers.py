@@ -181,12 +181,24 @@ class Teacher:
     name: str
     image_name: str
     text_name: str
-    image_transform: ImageTransform
     image_dim: int
     text_dim: int | None
     device: torch.device
     _image_fn: Callable[[torch.Tensor], torch.Tensor]
     _text_fn: Callable[[list[str]], torch.Tensor] | None
+    _transform_args: tuple[str, str | None, int | None] = ("", None, None)
+    _transform: ImageTransform | None = None
+
+    @property
+    def image_transform(self) -> ImageTransform:
+        """PIL image -> (3, H, W) tensor, the teacher's own preprocessing.
+
+        Built on first use: the embed stage's model actors never preprocess (decode tasks do),
+        and building it imports torchvision, about a second of every actor's start-up.
+        """
+        if self._transform is None:
+            self._transform = build_image_transform(*self._transform_args)
+        return self._transform
 
     @property
     def has_text(self) -> bool:
@@ -313,7 +325,6 @@ def load_teacher(
         model, _ = clip(_open_clip_model(image_teacher))  # type: ignore[arg-type]
         image_fn = model.encode_image
         image_dim = int(model.visual.output_dim)
-    transform = build_image_transform(image_teacher, pretrained, image_size)
 
     text_fn: Callable | None = None
     text_dim: int | None = None
@@ -329,7 +340,7 @@ def load_teacher(
         name=f"{image_teacher}|{text_teacher}",
         image_name=image_teacher,
         text_name=text_teacher,
-        image_transform=transform,
+        _transform_args=(image_teacher, pretrained, image_size),
         image_dim=image_dim,
         text_dim=text_dim,
         device=dev,
