@@ -138,7 +138,7 @@ def main() -> int:
     ap.add_argument("--teacher", default="efficientnet-lite0")
     ap.add_argument("--text", default="none")
     ap.add_argument("--image-size", type=int, default=128)
-    ap.add_argument("--shards", type=int, default=24)
+    ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--per-shard", type=int, default=160)
     ap.add_argument("--side", type=int, default=160, help="typical source image side in pixels")
     ap.add_argument("--batch-size", type=int, default=16)
@@ -154,7 +154,7 @@ def main() -> int:
     ap.add_argument(
         "--repeats",
         type=int,
-        default=1,
+        default=2,
         help="plain, then this many rounds of (1 actor, 2 actors, plain); medians are compared",
     )
     ap.add_argument("--json", default=None, help="also write the results here")

