@@ -17,8 +17,8 @@ import torch
 # Score-matrix elements computed at once (rows x centroids): 2^22 floats = 16 MB, so that the
 # block the GEMM writes is still in the last-level cache (32 MB here) when the row maximum reads
 # it back, yet large enough that the per-block fixed costs of the reduction ops stay small
-# (measured on k = 1024, d = 128: 2^20 / 2^21 / 2^22 / 2^23 -> 0.70 / 0.82 / 0.87 / 0.80 of the
-# GEMM rate for the top-1 search; the old 2^24 gave 0.45 with torch's max).
+# (measured on k = 1024, d = 128, top-1 search, medians of interleaved repetitions: 2^20 0.76,
+# 2^21 0.84-0.86, 2^22 0.84-0.86 of the GEMM rate; the old 2^24 gave 0.45 with torch's max).
 DEFAULT_BLOCK = 1 << 22
 # Centroids per block at most (large k: a few hundred rows against 8192 centroids per GEMM).
 MAX_CENTROID_BLOCK = 1 << 13
