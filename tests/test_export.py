@@ -88,3 +88,25 @@ def test_errors_name_the_problem(tmp_path):
         build_student(TrainConfig(model="efficientnet-lite0", objective="siglip"), 32)
     with pytest.raises(ConfigError, match="unknown open_clip model"):
         build_student(TrainConfig(model="open_clip:NoSuchNet"), 32)
+
+
+def test_registering_tiny_configs_leaves_no_temp_folder(monkeypatch, tmp_path):
+    """The tiny open_clip configs are registered from a temporary folder that is removed at
+    once (every process used to leave one behind in /tmp); open_clip keeps the parsed configs,
+    also across a later rescan."""
+    import tempfile
+
+    import open_clip
+    from megaclass.training import encoders, teachers
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(encoders, "_registered", False)
+    monkeypatch.setattr(teachers, "_TINY_REGISTERED", False)
+    encoders.register_tiny_configs()
+    teachers._register_tiny()
+    assert list(tmp_path.iterdir()) == []
+    other = tmp_path / "other-configs"
+    other.mkdir()
+    open_clip.add_model_config(other)  # rescans every registered path, the removed ones too
+    names = set(open_clip.list_models())
+    assert set(encoders.TINY_OPEN_CLIP_CONFIGS) <= names and teachers.TINY_OPEN_CLIP in names

@@ -79,10 +79,13 @@ def register_tiny_configs() -> None:
         return
     import open_clip
 
-    folder = Path(tempfile.mkdtemp(prefix="megaclass-openclip-cfg-"))
-    for name, cfg in TINY_OPEN_CLIP_CONFIGS.items():
-        (folder / f"{name}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(folder)
+    # open_clip reads the files when they are added and keeps the parsed configs (a later
+    # rescan skips a vanished folder), so the folder need not outlive the call.
+    with tempfile.TemporaryDirectory(prefix="megaclass-openclip-cfg-") as tmp:
+        folder = Path(tmp)
+        for name, cfg in TINY_OPEN_CLIP_CONFIGS.items():
+            (folder / f"{name}.json").write_text(json.dumps(cfg))
+        open_clip.add_model_config(folder)
     _registered = True
 
 

@@ -101,10 +101,11 @@ def _register_tiny() -> None:
             return
         import open_clip
 
-        folder = Path(tempfile.mkdtemp(prefix="megaclass-openclip-"))
-        path = folder / f"{TINY_OPEN_CLIP}.json"
-        path.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
-        open_clip.add_model_config(path)
+        # open_clip parses the file when it is added and keeps the config: no file left behind
+        with tempfile.TemporaryDirectory(prefix="megaclass-openclip-") as tmp:
+            path = Path(tmp) / f"{TINY_OPEN_CLIP}.json"
+            path.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
+            open_clip.add_model_config(path)
         _TINY_REGISTERED = True
 
 
