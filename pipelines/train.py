@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"megaclass: config error: {e}", file=sys.stderr)
         return 2
+    from megaclass.training.engine import shutdown_distributed
+
+    shutdown_distributed()  # a live gloo group at exit can abort a finished rank (status -6)
     return 0
 
 

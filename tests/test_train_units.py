@@ -295,3 +295,17 @@ def test_launched_ranks_die_with_a_killed_driver(tmp_path):
     finally:
         if d.poll() is None:
             d.kill()
+
+
+def test_shutdown_distributed_leaves_the_group(tmp_path):
+    """The launcher entry destroys its process group before exiting (a live gloo group at
+    interpreter exit can abort a rank that already finished: status -6)."""
+    import torch.distributed as dist
+
+    from megaclass.training.engine import shutdown_distributed
+
+    shutdown_distributed()  # no group: a no-op, not an error
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    shutdown_distributed()
+    assert not dist.is_initialized()

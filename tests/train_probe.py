@@ -37,6 +37,9 @@ def main() -> None:
     if r == 0:
         with open(out, "w") as f:
             json.dump({"loss": loss, "world_size": w, "step": st.step}, f)
+    from megaclass.training.engine import shutdown_distributed
+
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -101,6 +101,23 @@ def init_distributed() -> DistEnv:
     return DistEnv(rank, local_rank, world, device, backend)
 
 
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Leave the process group cleanly: wait for every rank (``barrier``), then destroy it.
+
+    Exiting with a live gloo group lets the interpreter tear down its worker threads in any
+    order; a rank then aborts with "terminate called without an active exception" (status
+    -6) *after* the work finished, which the launcher reports as a failed run. Pass
+    ``barrier=False`` on error paths, where another rank may already be gone.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 # --------------------------------------------------------------------------------------
 # DeepSpeed config
 # --------------------------------------------------------------------------------------
