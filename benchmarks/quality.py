@@ -21,23 +21,27 @@ Setting (everything real, everything offline, sized for a 2-core CPU in < 45 min
    trunk (stem + blocks ``< train_from``) is frozen and its activations are computed once per
    image (the pass that also yields the teacher vector, checked equal to
    ``Teacher.encode_images``) and cached, together with a horizontally flipped view of every
-   seen image. Each ablation row then trains only: blocks ``>= train_from`` (with their BN),
-   the 1×1 head conv + BN, a linear projection 1280→D (initialised to the teacher's centred
-   PCA, so the untrained student *is* the PCA-D teacher) and the PartialFC head
+   image. Each ablation row then trains only: blocks ``>= train_from`` (with their BN), the
+   1×1 head conv + BN, a linear projection 1280→D (initialised to the teacher's centred PCA,
+   so the untrained student *is* the PCA-D teacher; or, in the LDA row, to the closed-form
+   LDA map of the pseudo-classes) and the PartialFC head
    (``megaclass.training.heads.PartialFC``, centres initialised to the pseudo-class means of
-   the initial embeddings). With the default ``train_from=16`` no MBConv block is trained:
-   the student trains the head conv (320→1280, 1×1) + its BN, the projection and the
-   PartialFC centres. ``--train-from 14`` also trains the last two MBConv blocks (≈8× slower
-   per row); ``--dev-split 0.3`` tunes on validation categories carved out of the seen part
-   without looking at the unseen ones (BENCHMARKS.md has both runs). Nothing else of the
-   pipeline is bypassed: the heads, margins, sampling and losses are the library's.
+   the initial embeddings). The defaults (chosen on a validation split of the *seen*
+   categories, ``--dev-split 0.3``; BENCHMARKS.md): the whole set, ``train_from=14`` (the last
+   two MBConv blocks are trained, a "head only" row trains none), 12 epochs, D = 512. Nothing
+   else of the pipeline is bypassed: the heads, margins, sampling and losses are the library's.
 5. evaluation: Recall@1 and mAP@R (SOP protocol, ``megaclass.pipelines.metrics``) on the
-   held-out categories, for the teacher (raw 1280-d, and PCA-D), and each student row.
+   held-out categories, for the teacher (raw 1280-d, PCA-d, and "teacher + LDA": a closed-form
+   linear map fitted to the base row's pseudo-classes) and each student row. Seed s of a
+   repeated row also draws category split s (0 = the builder's), and every student is
+   compared with the teacher *on its own split* (paired Δ), since which categories are unseen
+   moves R@1 by ±0.1 while training moves it by ±0.01.
 
-Run ``python benchmarks/quality.py --help``; the full run used for BENCHMARKS.md is
-``python benchmarks/quality.py --threads 2`` (defaults), the whole-set run with a deeper
-student ``--max-per-class none --train-from 14 --epochs 12 --dim 512``, the tuning runs add
-``--dev-split 0.3 --rows ...``, a smoke run is ``--quick``.
+Run ``python benchmarks/quality.py --help``; the run recorded in BENCHMARKS.md is
+``python benchmarks/quality.py --threads 2`` (defaults). ``--max-per-class 40 --train-from 16
+--epochs 4 --dim 128 --no-vary-split`` is the first, smaller table; ``--dev-split 0.3 --rows
+...`` tunes on seen categories only; ``--rerender RESULTS.json`` re-summarises a saved run;
+``--quick`` is the smoke run (also a test).
 """
 
 from __future__ import annotations
@@ -81,22 +85,24 @@ class QualityConfig:
     """Seed of the dataset build (which categories are held out)."""
     held_out_fraction: float = 0.3
     """Share of the categories held out as unseen (evaluation only)."""
-    max_per_class: int | None = 40
-    """Images per category (the builder takes the first N files in name order); caps the
-    1378-image 'shapes/stars' folder and keeps the run inside the time budget. ``none`` = every
-    image of every category with >= ``min_per_class`` images (the whole set: ≈7.5k images)."""
+    max_per_class: int | None = None
+    """Images per category (the builder takes the first N files in name order); ``None`` (the
+    default, ``none`` on the command line) = every image of every category with >=
+    ``min_per_class`` images: the whole set, ≈7.5k images. The first table in BENCHMARKS.md
+    used 40 (≈3k images)."""
     min_per_class: int = 20
     image_size: int = 128
     """Teacher and student input size (resize shorter side + centre crop, the teacher's own
     transform)."""
-    train_from: int = 16
+    train_from: int = 14
     """First EfficientNet-Lite0 block (of 16) that is trained; earlier blocks are frozen and
-    their output cached (a row may start later, never earlier). 16 = no MBConv block (the head
-    conv, projection and classifier only); 14 = also the last two MBConv blocks, and the
-    table gains a "head only" row."""
+    their output cached (a row may start later, never earlier). 14 = the last two MBConv
+    blocks + the head conv, projection and classifier (chosen on the validation split); 16 =
+    no MBConv block. When < 16 the table gains a "head only" row."""
     flip_view: bool = True
-    """Cache a horizontally flipped copy of every seen image (the only augmentation)."""
-    epochs: int = 4
+    """Cache a horizontally flipped copy of every image (the only augmentation; used for the
+    training part, whichever categories that is)."""
+    epochs: int = 12
     batch_size: int = 128
     lr: float = 3e-4
     """AdamW learning rate of the projection; the trained trunk blocks use ``lr * lr_trunk``."""
@@ -110,7 +116,13 @@ class QualityConfig:
     """ArcFace m (Unicom pretraining 0.3); CosFace rows use 0.35."""
     kmeans_niter: int = 20
     seeds: tuple[int, ...] = (0, 1, 2)
-    """Seeds of the repeated ('main') rows: k-means init, head init, sampling, batch order."""
+    """Seeds of the repeated ('main') rows: k-means init, head init, sampling, batch order and,
+    with ``vary_split``, the category split."""
+    vary_split: bool = True
+    """Seed s also draws its own seen/unseen category split (s = 0: the builder's split; s > 0:
+    ``held_out_fraction`` of all categories drawn with that seed), so a repeated row's spread
+    includes which categories are unseen, and student and teacher are compared per split
+    (paired Δ). Rows that run once use split 0. False: every seed uses the builder's split."""
     threads: int = 1
     device: str = "cpu"
     quick: bool = False
@@ -120,7 +132,7 @@ class QualityConfig:
     gallery (seeded by ``dev_seed``) and every number is measured there; the unseen categories
     are not touched. The defaults were chosen in this mode (BENCHMARKS.md)."""
     dev_seed: int = 123
-    dim: int = 128
+    dim: int = 512
     """Embedding size D of the base row (and of every row that does not change it)."""
 
 
@@ -141,6 +153,10 @@ class Row:
     dim: int = 128
     epochs: int | None = None
     train_from: int | None = None
+    init: str = "pca"
+    """Projection 1280→D at the start: 'pca' (the teacher's centred PCA: the untrained student
+    is teacher PCA-D) or 'lda' (the closed-form LDA map fitted to this row's top-1
+    pseudo-classes: the untrained student is the "teacher + LDA" reference)."""
     repeat: bool = False
     """A 'main' row: run for every seed (others: first seed only)."""
 
@@ -150,25 +166,27 @@ BASE = Row("base: K=256 r=0.1 f=1 arcface pfc fused D=128", repeat=True)
 
 def default_rows(cfg: QualityConfig | None = None) -> list[Row]:
     """The ablation table: each row changes one thing relative to the base row (``BASE`` at
-    ``cfg.dim``). When blocks are trained (``train_from < 16``) a "head only" row is added."""
+    ``cfg.dim``). Repeated rows run for every seed (and, with ``vary_split``, every category
+    split); the others once. When blocks are trained (``train_from < 16``) a "head only" row
+    is added."""
     cfg = cfg or QualityConfig()
     base = replace(BASE, dim=cfg.dim, name=BASE.name.replace("D=128", f"D={cfg.dim}"))
+    once = {"repeat": False}
     rows = [
         base,
-        replace(base, name="K=64", k=64),
-        replace(base, name="K=1024", k=1024),
-        replace(base, name="r=1.0 (all classes)", sample_rate=1.0),
-        replace(base, name="f=0.5 (feature sampling)", feature_rate=0.5, repeat=False),
-        replace(base, name="margin CosFace", margin="cosface", repeat=False),
         replace(base, name="objective MLCD top-8", objective="mlcd", labels=8),
         replace(base, name="image-only clusters", feature="image"),
-        replace(base, name="D=64", dim=64, repeat=False),
-        replace(base, name="D=256", dim=256, repeat=False),
+        replace(base, name="projection initialised by LDA", init="lda"),
+        replace(base, name="K=64", k=64, **once),
+        replace(base, name="K=1024", k=1024, **once),
+        replace(base, name="r=1.0 (all classes)", sample_rate=1.0, **once),
+        replace(base, name="f=0.5 (feature sampling)", feature_rate=0.5, **once),
+        replace(base, name="margin CosFace", margin="cosface", **once),
     ]
+    if cfg.dim > 128:  # compact: trained at 128 (the base row also reports its first d dims)
+        rows.append(replace(base, name="D=128", dim=128, **once))
     if cfg.train_from < 16:
-        rows.append(
-            replace(base, name="head only (no MBConv block trained)", train_from=16, repeat=False)
-        )
+        rows.append(replace(base, name="head only (no MBConv block trained)", train_from=16))
     return rows
 
 
@@ -201,7 +219,7 @@ class Cache:
     classes: list[str]
     split: np.ndarray  # 0 = seen (train shards), 1 = unseen (eval shards)
     act: np.ndarray  # (n, C, h, w) float32: input of block train_from
-    act_flip: np.ndarray  # (n_seen, C, h, w) float32, rows of the seen images in order
+    act_flip: np.ndarray  # (n, C, h, w) float32: the same for the flipped image (or empty)
     t_img: np.ndarray  # (n, 1280) float32 unit
     t_txt: np.ndarray  # (n, 384) float32 unit
     info: dict = field(default_factory=dict)
@@ -271,7 +289,7 @@ def _cache_key(cfg: QualityConfig) -> str:
         cfg.train_from,
         cfg.flip_view,
         cfg.quick,
-        4,
+        5,
     )
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
@@ -299,10 +317,43 @@ def dev_cache(cache: Cache, share: float, seed: int) -> Cache:
         [cache.classes[i] for i in seen],
         is_val.astype(np.int8),
         cache.act[seen],
-        cache.act_flip[~is_val] if len(cache.act_flip) else cache.act_flip,
+        cache.act_flip[seen] if len(cache.act_flip) else cache.act_flip,
         cache.t_img[seen],
         cache.t_txt[seen],
         info,
+    )
+
+
+def split_cache(cache: Cache, share: float, seed: int) -> Cache:
+    """The same images with another seen/unseen category split: ``share`` of all categories,
+    drawn with ``seed``, become unseen. Seed 0 keeps the builder's split. Arrays are shared,
+    not copied (so is the fold memo: it depends on the images, not on the split)."""
+    if seed == 0:
+        return cache
+    cats = sorted(set(cache.classes))
+    n_un = int(round(share * len(cats)))
+    if not 0 < n_un < len(cats):
+        raise ValueError(f"held_out_fraction={share} leaves no seen or no unseen category")
+    rng = np.random.default_rng([seed, 77])
+    held = set(rng.choice(cats, size=n_un, replace=False).tolist())
+    split = np.array([c in held for c in cache.classes], dtype=np.int8)
+    info = dict(cache.info, split_seed=seed)
+    info.update(
+        seen_images=int((split == 0).sum()),
+        unseen_images=int(split.sum()),
+        seen_classes=len(cats) - n_un,
+        unseen_classes=n_un,
+    )
+    return Cache(
+        cache.files,
+        cache.classes,
+        split,
+        cache.act,
+        cache.act_flip,
+        cache.t_img,
+        cache.t_txt,
+        info,
+        cache.folded,
     )
 
 
@@ -366,7 +417,7 @@ def build_cache(cfg: QualityConfig) -> Cache:
     acts, flips, t_img = [], [], []
     checked = False
 
-    def flush(batch: list[torch.Tensor], is_seen: list[bool]) -> None:
+    def flush(batch: list[torch.Tensor]) -> None:
         nonlocal checked
         x = torch.stack(batch)
         with torch.inference_mode():
@@ -386,9 +437,8 @@ def build_cache(cfg: QualityConfig) -> Cache:
                 checked = True
             acts.append(a.numpy())
             t_img.append(feats.numpy())
-            sel = [i for i, s in enumerate(is_seen) if s]
-            if sel and cfg.flip_view:
-                flips.append(trunk_forward(net, x[sel].flip(3), 0, cfg.train_from).numpy())
+            if cfg.flip_view:  # every image: any category may be seen under another split
+                flips.append(trunk_forward(net, x.flip(3), 0, cfg.train_from).numpy())
 
     n_img = sum(
         json.loads((data_dir / "dataset.json").read_text())["splits"][s]["samples"]
@@ -396,20 +446,19 @@ def build_cache(cfg: QualityConfig) -> Cache:
     )
     bar = tqdm(total=n_img, desc="teacher + frozen trunk", unit="img", mininterval=5)
     for s_id, s_name in enumerate(("train", "eval")):
-        batch, is_seen = [], []
+        batch = []
         for sample in _iter_split(data_dir, s_name):
             files.append(str(sample.meta.get("file", sample.key)))
             classes.append(str(sample.meta["class"]))
             split.append(s_id)
             captions.append(sample.caption)
             batch.append(teacher.image_transform(sample.image))
-            is_seen.append(s_id == 0)
             if len(batch) == 64:
-                flush(batch, is_seen)
+                flush(batch)
                 bar.update(len(batch))
-                batch, is_seen = [], []
+                batch = []
         if batch:
-            flush(batch, is_seen)
+            flush(batch)
             bar.update(len(batch))
     bar.close()
     t_img_s = time.perf_counter() - t_start
@@ -563,7 +612,12 @@ def train_row(cfg: QualityConfig, cache: Cache, row: Row, seed: int, pl: dict, n
 
             cache.folded[start] = (fold(act), fold(act_flip) if act_flip is not None else None)
         act, act_flip = cache.folded[start]
-    proj = pca_projection(cache.t_img[seen], row.dim)
+    if row.init == "lda":
+        proj = lda_projection(cache.t_img[seen], pl["labels"][:, 0], row.dim)
+    elif row.init == "pca":
+        proj = pca_projection(cache.t_img[seen], row.dim)
+    else:
+        raise ValueError(f"row {row.name!r}: init must be 'pca' or 'lda', got {row.init!r}")
     tail = Tail(net, start, proj)
     labels = torch.from_numpy(
         pl["labels"][:, : row.labels] if row.objective == "mlcd" else pl["labels"][:, 0]
@@ -614,7 +668,7 @@ def train_row(cfg: QualityConfig, cache: Cache, row: Row, seed: int, pl: dict, n
             xb = act[rows]
             if act_flip is not None:  # each image: original or flipped view, at random
                 flip = rng.random(len(idx)) < 0.5
-                xb = np.where(flip[:, None, None, None], act_flip[idx], xb)
+                xb = np.where(flip[:, None, None, None], act_flip[rows], xb)
             warm = min(1.0, (step + 1) / max(1, steps_per_epoch))
             lr_mult = warm * 0.5 * (1 + math.cos(math.pi * step / total))
             for g, lr0 in zip(opt.param_groups + hopt.param_groups, base_lrs):
@@ -653,6 +707,45 @@ def train_row(cfg: QualityConfig, cache: Cache, row: Row, seed: int, pl: dict, n
 # --------------------------------------------------------------------------------------
 
 
+def lda_map(x: np.ndarray, y: np.ndarray, dim: int, shrink: float = 1.0):  # noqa: ANN201
+    """Linear discriminant map fitted on features ``x`` with class labels ``y``: whiten the
+    within-class scatter (shrunk toward ``shrink`` × its mean eigenvalue, so it stays well
+    posed with few images per class), then keep the ``dim`` directions of largest
+    between-class spread. A closed-form reference for what a *linear* student can learn from
+    the pseudo-classes."""
+    x = x.astype(np.float64)
+    mu = x.mean(0)
+    xc = x - mu
+    total = xc.T @ xc / len(x)
+    within = np.zeros_like(total)
+    for c in np.unique(y):
+        d = x[y == c] - x[y == c].mean(0)
+        within += d.T @ d
+    within /= len(x)
+    between = total - within
+    within += shrink * np.trace(within) / len(within) * np.eye(len(within))
+    ev, u = np.linalg.eigh(within)
+    w = u / np.sqrt(ev)
+    ev2, v = np.linalg.eigh(w.T @ between @ w)
+    p = w @ v[:, ::-1][:, :dim]
+    return lambda q: ((q.astype(np.float64) - mu) @ p).astype(np.float32)
+
+
+def lda_projection(x: np.ndarray, y: np.ndarray, dim: int) -> nn.Linear:
+    """``lda_map`` as a linear layer, scaled so its rows have unit norm on average (like the
+    PCA start: a global scale does not change cosine similarities, only the optimizer's
+    step relative to the weights)."""
+    f = lda_map(x, y, dim)
+    bias = f(np.zeros((1, x.shape[1]), np.float32))[0]  # = -mu @ P
+    weight = (f(np.eye(x.shape[1], dtype=np.float32)) - bias).T  # rows: P^T
+    scale = 1.0 / np.sqrt((weight**2).sum(1).mean())
+    proj = nn.Linear(x.shape[1], dim)
+    with torch.no_grad():
+        proj.weight.copy_(torch.from_numpy(weight * scale))
+        proj.bias.copy_(torch.from_numpy(bias * scale))
+    return proj
+
+
 def teacher_baselines(cfg: QualityConfig, cache: Cache, dims: Sequence[int]) -> dict:
     """Teacher metrics on the unseen classes: raw 1280-d, centred PCA-d, fused is not
     available at query time (no captions for unseen images in a retrieval setting)."""
@@ -667,37 +760,71 @@ def teacher_baselines(cfg: QualityConfig, cache: Cache, dims: Sequence[int]) -> 
     return out
 
 
+RAW = "teacher (raw 1280-d)"
+
+
 def run(cfg: QualityConfig, rows: list[Row]) -> dict:
-    """Embed once, then every (row, seed): cluster (memoised), train, evaluate."""
+    """Embed once, then every (row, seed): split (memoised), cluster (memoised), train,
+    evaluate; each student is compared with the teacher on the same split (paired Δ)."""
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, cfg.threads))
-    cache = build_cache(cfg)
+    full = build_cache(cfg)
     if cfg.dev_split > 0:
-        cache = dev_cache(cache, cfg.dev_split, cfg.dev_seed)
+        full = dev_cache(full, cfg.dev_split, cfg.dev_seed)
         log.info(
             "dev split: %d training / %d validation images of the seen part; unseen untouched",
-            len(cache.seen),
-            len(cache.unseen),
+            len(full.seen),
+            len(full.unseen),
         )
     net = load_backbone()
-    dims = sorted({r.dim for r in rows} | {32, 64, 128, 256})
-    baselines = teacher_baselines(cfg, cache, dims)
-    for name, m in baselines.items():
-        log.info("%-24s R@1 %.4f  mAP@R %.4f", name, m["R@1"], m["mAP@R"])
+    dims = sorted({r.dim for r in rows} | {128, 256, 512} - {1280})
+    jobs = [(r, s) for r in rows for s in (cfg.seeds if r.repeat else cfg.seeds[:1])]
+    split_of = {s: (s if cfg.vary_split else 0) for _, s in jobs}
+    splits: dict[int, Cache] = {}
+    teachers: dict[int, dict] = {}
+    for sp in sorted(set(split_of.values())):
+        c = splits[sp] = full if sp == 0 else split_cache(full, cfg.held_out_fraction, sp)
+        teachers[sp] = teacher_baselines(cfg, c, dims)
+        log.info(
+            "split %d: %d seen / %d unseen images, %d / %d categories",
+            sp,
+            len(c.seen),
+            len(c.unseen),
+            c.info["seen_classes"],
+            c.info["unseen_classes"],
+        )
+        for name, m in teachers[sp].items():
+            log.info("  %-24s R@1 %.4f  mAP@R %.4f", name, m["R@1"], m["mAP@R"])
     clusters: dict[tuple, dict] = {}
     results = []
-    jobs = [(r, s) for r in rows for s in (cfg.seeds if r.repeat else cfg.seeds[:1])]
+    labels_needed = max(r.labels for r in rows)
     for row, seed in tqdm(jobs, desc="ablation rows", unit="run"):
-        key = (row.feature, row.k, seed, max(r.labels for r in rows))
+        sp = split_of[seed]
+        cache = splits[sp]
+        key = (sp, row.feature, row.k, seed, labels_needed)
         if key not in clusters:
-            clusters[key] = pseudo_labels(cache, row.feature, row.k, key[3], seed, cfg.kmeans_niter)
+            clusters[key] = pseudo_labels(
+                cache, row.feature, row.k, labels_needed, seed, cfg.kmeans_niter
+            )
+            if (row.feature, row.k) == (rows[0].feature, rows[0].k):
+                # the closed-form linear reference on the base row's pseudo-classes
+                s_idx, un = cache.seen, cache.unseen
+                f = lda_map(cache.t_img[s_idx], clusters[key]["labels"][:, 0], rows[0].dim)
+                name = f"teacher + LDA on its pseudo-classes (K={row.k}, D={rows[0].dim})"
+                teachers[sp].setdefault(
+                    name, metrics(f(cache.t_img[un]), [cache.classes[i] for i in un])
+                )
         res = train_row(cfg, cache, row, seed, clusters[key], net)
+        res["split"] = sp
+        paired_deltas(res, teachers[sp], row.dim)
         log.info(
-            "%-40s seed %d  R@1 %.4f  mAP@R %.4f  (%.0f s, loss %.2f→%.2f)",
+            "%-40s seed %d  R@1 %.4f (Δ %+.4f)  mAP@R %.4f (Δ %+.4f)  (%.0f s, loss %.2f→%.2f)",
             row.name,
             seed,
             res["R@1"],
+            res["delta_R@1"],
             res["mAP@R"],
+            res["delta_mAP@R"],
             res["train_seconds"],
             res["loss_first"] or 0,
             res["loss_last"] or 0,
@@ -706,27 +833,68 @@ def run(cfg: QualityConfig, rows: list[Row]) -> dict:
     return {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "rows": [asdict(r) for r in rows],
-        "data": cache.info,
-        "teacher": baselines,
+        "data": full.info,
+        "splits": {str(sp): c.info for sp, c in splits.items()},
+        "teacher_by_split": {str(sp): t for sp, t in teachers.items()},
+        "teacher": summarise_teacher(teachers, [split_of[s] for s in cfg.seeds if s in split_of]),
         "results": results,
         "summary": summarise(rows, results),
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
 
 
+def paired_deltas(res: dict, teacher: dict, dim: int) -> None:
+    """Student minus teacher on the same split: vs the raw 1280-d teacher (``delta_*``) and vs
+    the teacher's centred PCA at the student's dimension (``pca_delta_*``), which separates
+    what training adds from what centring + PCA alone give."""
+    pca = teacher.get(f"teacher PCA-{dim}")
+    for m in ("R@1", "mAP@R"):
+        res[f"teacher_{m}"] = teacher[RAW][m]
+        res[f"delta_{m}"] = res[m] - teacher[RAW][m]
+        if pca is not None:
+            res[f"pca_delta_{m}"] = res[m] - pca[m]
+
+
+def _stats(v: Sequence[float]) -> tuple[float, float, list[float]]:
+    a = np.asarray(v, dtype=np.float64)
+    return (
+        float(a.mean()),
+        float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+        [float(a.min()), float(a.max())],
+    )
+
+
+def summarise_teacher(teachers: dict[int, dict], splits: Sequence[int]) -> dict:
+    """Each teacher baseline averaged over the splits the repeated rows use."""
+    splits = sorted(set(splits)) or sorted(teachers)
+    out = {}
+    for name in teachers[splits[0]]:
+        vals = [teachers[sp][name] for sp in splits if name in teachers[sp]]
+        entry: dict = {"splits": len(vals)}
+        for m in ("R@1", "mAP@R"):
+            entry[m], entry[f"{m}_std"], _ = _stats([v[m] for v in vals])
+        out[name] = entry
+    return out
+
+
 def summarise(rows: list[Row], results: list[dict]) -> list[dict]:
-    """Mean and spread (min–max half range and std) over seeds for every row."""
+    """Per row over its seeds: mean, std and range of each metric, and of the paired
+    difference to the raw teacher on the same split (with the count of seeds it is > 0)."""
     out = []
     for r in rows:
         rs = [x for x in results if x["row"] == r.name]
         if not rs:
             continue
-        entry = {"row": r.name, "seeds": len(rs)}
+        entry = {"row": r.name, "seeds": len(rs), "splits": sorted({x["split"] for x in rs})}
         for m in ("R@1", "mAP@R"):
-            v = np.array([x[m] for x in rs], dtype=np.float64)
-            entry[m] = float(v.mean())
-            entry[f"{m}_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-            entry[f"{m}_range"] = [float(v.min()), float(v.max())]
+            entry[m], entry[f"{m}_std"], entry[f"{m}_range"] = _stats([x[m] for x in rs])
+            d = [x[f"delta_{m}"] for x in rs]
+            entry[f"delta_{m}"], entry[f"delta_{m}_std"], entry[f"delta_{m}_range"] = _stats(d)
+            entry[f"wins_{m}"] = int(sum(v > 0 for v in d))
+            if all(f"pca_delta_{m}" in x for x in rs):
+                d = [x[f"pca_delta_{m}"] for x in rs]
+                entry[f"pca_delta_{m}"], entry[f"pca_delta_{m}_std"], _ = _stats(d)
+                entry[f"pca_wins_{m}"] = int(sum(v > 0 for v in d))
         entry["nmi"] = float(np.mean([x["nmi"] for x in rs]))
         entry["train_seconds"] = float(np.mean([x["train_seconds"] for x in rs]))
         out.append(entry)
@@ -735,28 +903,49 @@ def summarise(rows: list[Row], results: list[dict]) -> list[dict]:
 
 def markdown_table(res: dict) -> str:
     lines = [
-        "| encoder / row | seeds | R@1 (unseen) | mAP@R (unseen) | NMI of pseudo-labels "
-        "vs seen categories | train s/run |",
-        "|---|---|---|---|---|---|",
+        "| encoder / row | seeds (splits) | R@1 (unseen) | Δ R@1 vs teacher raw (> 0 on) "
+        "| Δ R@1 vs teacher PCA-D | mAP@R (unseen) | Δ mAP@R vs raw | Δ mAP@R vs PCA-D | NMI "
+        "| train s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, m in res["teacher"].items():
-        lines.append(f"| {name} | – | {m['R@1']:.3f} | {m['mAP@R']:.3f} | – | – |")
 
-    def fmt(e: dict, m: str) -> str:
-        if e["seeds"] > 1:
-            return f"{e[m]:.3f} ± {e[m + '_std']:.3f}"
-        return f"{e[m]:.3f}"
+    def pm(e: dict, m: str, n: int, signed: bool = False) -> str:
+        if m not in e:
+            return "–"
+        v = ("{:+.3f}" if signed else "{:.3f}").format(e[m])
+        return v + (f" ± {e[m + '_std']:.3f}" if n > 1 else "")
 
+    for name, e in res["teacher"].items():
+        n = e["splits"]
+        r1, mp = pm(e, "R@1", n), pm(e, "mAP@R", n)
+        lines.append(f"| {name} | – ({n}) | {r1} | – | – | {mp} | – | – | – | – |")
     for e in res["summary"]:
+        n = e["seeds"]
         lines.append(
-            f"| student {e['row']} | {e['seeds']} | {fmt(e, 'R@1')} | "
-            f"{fmt(e, 'mAP@R')} | {e['nmi']:.3f} | {e['train_seconds']:.0f} |"
+            f"| student {e['row']} | {n} ({len(e['splits'])}) | {pm(e, 'R@1', n)} | "
+            f"{pm(e, 'delta_R@1', n, True)} ({e['wins_R@1']}/{n}) | "
+            f"{pm(e, 'pca_delta_R@1', n, True)} | {pm(e, 'mAP@R', n)} | "
+            f"{pm(e, 'delta_mAP@R', n, True)} | {pm(e, 'pca_delta_mAP@R', n, True)} | "
+            f"{e['nmi']:.3f} | {e['train_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
 
+def rerender(path: Path) -> dict:
+    """Recompute the paired differences, summary and table of a saved results JSON (no
+    training): for reading an old run with a newer summary."""
+    res = json.loads(path.read_text())
+    dim_of = {r["name"]: r["dim"] for r in res["rows"]}
+    for r in res["results"]:
+        paired_deltas(r, res["teacher_by_split"][str(r["split"])], dim_of[r["row"]])
+    rows = [Row(**r) for r in res["rows"]]
+    res["summary"] = summarise(rows, res["results"])
+    return res
+
+
 def plot(res: dict, fig_dir: Path, tag: str = "") -> list[str]:
-    """Recall@1 per row (with seed spread) and metric vs embedding dimension."""
+    """Δ Recall@1 / mAP@R vs the teacher per row (paired over seeds and splits), and metric vs
+    embedding dimension on split 0."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -765,59 +954,59 @@ def plot(res: dict, fig_dir: Path, tag: str = "") -> list[str]:
     fig_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     summ = res["summary"]
-    teacher = res["teacher"]["teacher (raw 1280-d)"]["R@1"]
-    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(summ) + 1.4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.42 * len(summ) + 1.6), sharey=True)
     y = np.arange(len(summ))[::-1]
-    means = [e["R@1"] for e in summ]
-    lo = [e["R@1"] - e["R@1_range"][0] for e in summ]
-    hi = [e["R@1_range"][1] - e["R@1"] for e in summ]
-    ax.barh(
-        y, means, xerr=[lo, hi], color=["C0" if e["seeds"] > 1 else "C9" for e in summ], capsize=3
-    )
-    ax.axvline(teacher, color="C3", ls="--", label=f"teacher raw 1280-d ({teacher:.3f})")
-    ax.set_yticks(y, [f"{e['row']} (n={e['seeds']})" for e in summ], fontsize=8)
-    ax.set_xlabel("Recall@1 on unseen categories (bars: mean, whiskers: min–max over seeds)")
-    ax.set_xlim(max(0.0, min(means + [teacher]) - 0.1), min(1.0, max(means + [teacher]) + 0.05))
-    ax.legend(loc="lower right", fontsize=8)
+    for ax, m in zip(axes, ("R@1", "mAP@R")):
+        means = [e[f"delta_{m}"] for e in summ]
+        lo = [e[f"delta_{m}"] - e[f"delta_{m}_range"][0] for e in summ]
+        hi = [e[f"delta_{m}_range"][1] - e[f"delta_{m}"] for e in summ]
+        ax.barh(
+            y,
+            means,
+            xerr=[lo, hi],
+            color=["C0" if e["seeds"] > 1 else "C9" for e in summ],
+            capsize=3,
+        )
+        ax.axvline(0.0, color="C3", ls="--", label="teacher raw 1280-d (same split)")
+        ax.set_xlabel(f"Δ {m} vs teacher on unseen categories\n(bar: mean, whiskers: min–max)")
+        ax.legend(loc="lower right", fontsize=7)
+    axes[0].set_yticks(y, [f"{e['row']} (n={e['seeds']})" for e in summ], fontsize=8)
     fig.tight_layout()
     p = fig_dir / f"quality_recall_rows{tag}.png"
     fig.savefig(p, dpi=90)
     plt.close(fig)
     paths.append(str(p))
 
-    # metric vs dims: teacher PCA-d, and students (trained at D, and their first-d compact dims)
+    # metric vs dims on split 0: teacher PCA-d, students trained at D, base's first d dims
+    t0 = res["teacher_by_split"]["0"]
+    r0 = [r for r in res["results"] if r["split"] == 0 and r["seed"] == res["config"]["seeds"][0]]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for ax, m in zip(axes, ("R@1", "mAP@R")):
-        tp = sorted((int(k.split("-")[1]), v[m]) for k, v in res["teacher"].items() if "PCA" in k)
+        tp = sorted(
+            (int(k.split("-")[1]), v[m]) for k, v in t0.items() if k.startswith("teacher PCA")
+        )
         ax.plot([d for d, _ in tp], [v for _, v in tp], "o-", color="C3", label="teacher PCA-d")
-        ax.axhline(
-            res["teacher"]["teacher (raw 1280-d)"][m],
-            color="C3",
-            ls="--",
-            label="teacher raw 1280-d",
+        ax.axhline(t0[RAW][m], color="C3", ls="--", label="teacher raw 1280-d")
+        dim_of = {x["name"]: x["dim"] for x in res["rows"]}
+        trained = sorted(
+            (dim_of[r["row"]], r[m]) for r in r0 if r["row"].startswith(("base", "D="))
         )
-        trained = {}
-        for r in res["results"]:
-            row = next(x for x in res["rows"] if x["name"] == r["row"])
-            if row["name"].startswith("base") or row["name"].startswith("D="):
-                trained.setdefault(row["dim"], []).append(r[m])
-        ds = sorted(trained)
         ax.plot(
-            ds, [np.mean(trained[d]) for d in ds], "s-", color="C0", label="student trained at D"
+            [d for d, _ in trained],
+            [v for _, v in trained],
+            "s-",
+            color="C0",
+            label="student trained at D",
         )
-        base = [r for r in res["results"] if r["row"].startswith("base")]
+        base = [r for r in r0 if r["row"].startswith("base")]
         if base:
-            cd = sorted({int(d) for r in base for d in r["compact"]})
-            bd = base[0].get("dim", None)
-            row0 = next(x for x in res["rows"] if x["name"].startswith("base"))
-            xs = cd + [row0["dim"]]
-            ys = [np.mean([r["compact"][str(d)][m] for r in base]) for d in cd]
-            ys.append(np.mean([r[m] for r in base]))
+            cd = sorted(int(d) for d in base[0]["compact"])
+            xs = cd + [dim_of[base[0]["row"]]]
+            ys = [base[0]["compact"][str(d)][m] for d in cd] + [base[0][m]]
             ax.plot(xs, ys, "^:", color="C2", label="base student, first d dims")
-            del bd
         ax.set_xscale("log", base=2)
         ax.set_xlabel("embedding dimension")
-        ax.set_ylabel(f"{m} (unseen)")
+        ax.set_ylabel(f"{m} (unseen, split 0)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     p = fig_dir / f"quality_dims{tag}.png"
@@ -851,6 +1040,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[QualityConfig, argpar
     )
     ap.add_argument("--figures", default=str(HERE / "figures"), help="folder for the PNG plots")
     ap.add_argument("--rows", nargs="*", default=None, help="only rows whose name starts so")
+    ap.add_argument(
+        "--rerender",
+        default=None,
+        metavar="RESULTS.json",
+        help="no training: recompute summary, table and plots of a saved run into --out",
+    )
     args = ap.parse_args(argv)
     cfg = QualityConfig(
         **{
@@ -880,8 +1075,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.rows:
         rows = [r for r in rows if any(r.name.startswith(p) for p in args.rows)]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    res = run(cfg, rows)
-    res["command"] = " ".join(["python", "benchmarks/quality.py", *(argv or sys.argv[1:])])
+    if args.rerender:
+        res = rerender(Path(args.rerender))
+        cfg = replace(cfg, quick=bool(res["config"].get("quick")))
+    else:
+        res = run(cfg, rows)
+        res["command"] = " ".join(["python", "benchmarks/quality.py", *(argv or sys.argv[1:])])
     table = markdown_table(res)
     print(table)
     out = Path(args.out)
