@@ -301,7 +301,6 @@ def test_shutdown_distributed_leaves_the_group(tmp_path):
     """The launcher entry destroys its process group before exiting (a live gloo group at
     interpreter exit can abort a rank that already finished: status -6)."""
     import torch.distributed as dist
-
     from megaclass.training.engine import shutdown_distributed
 
     shutdown_distributed()  # no group: a no-op, not an error
