@@ -53,6 +53,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -1080,7 +1081,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         cfg = replace(cfg, quick=bool(res["config"].get("quick")))
     else:
         res = run(cfg, rows)
-        res["command"] = " ".join(["python", "benchmarks/quality.py", *(argv or sys.argv[1:])])
+        res["command"] = shlex.join(["python", "benchmarks/quality.py", *(argv or sys.argv[1:])])
     table = markdown_table(res)
     print(table)
     out = Path(args.out)
