@@ -24,7 +24,6 @@ import argparse
 import logging
 import os
 import resource
-import socket
 import statistics
 import sys
 import time
@@ -32,15 +31,10 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from megaclass.core.net import free_port
 
 log = logging.getLogger("benchmarks.partial_fc")
 GB = 1e9
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_gb() -> float:
@@ -114,7 +108,7 @@ def _worker(rank: int, world: int, port: int, args, rate: float, queue) -> None:
 def run_rate(args, rate: float) -> list[dict]:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, args.world, port, args, rate, q))
         for r in range(args.world)

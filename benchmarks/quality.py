@@ -30,7 +30,7 @@ Setting (everything real, everything offline, sized for a 2-core CPU in < 45 min
    categories, ``--dev-split 0.3``; BENCHMARKS.md): the whole set, ``train_from=14`` (the last
    two MBConv blocks are trained, a "head only" row trains none), 12 epochs, D = 512. Nothing
    else of the pipeline is bypassed: the heads, margins, sampling and losses are the library's.
-5. evaluation: Recall@1 and mAP@R (SOP protocol, ``megaclass.pipelines.metrics``) on the
+5. evaluation: Recall@1 and mAP@R (SOP protocol, ``megaclass.pipelines.retrieval``) on the
    held-out categories, for the teacher (raw 1280-d, PCA-d, and "teacher + LDA": a closed-form
    linear map fitted to the base row's pseudo-classes) and each student row. Seed s of a
    repeated row also draws category split s (0 = the builder's), and every student is
@@ -392,7 +392,7 @@ def _iter_split(data_dir: Path, split: str):  # noqa: ANN202
 
 def build_cache(cfg: QualityConfig) -> Cache:
     """Embed every image once: frozen-trunk activations (+ flipped view) and teacher vectors."""
-    from megaclass.data.atomic import atomic_path
+    from megaclass.core.atomic import atomic_path
     from megaclass.training.teachers import load_teacher
 
     path = Path(cfg.work) / f"cache-{_cache_key(cfg)}.npz"
@@ -515,7 +515,7 @@ def build_cache(cfg: QualityConfig) -> Cache:
 
 def pseudo_labels(cache: Cache, feature: str, k: int, topk: int, seed: int, niter: int) -> dict:
     """Cluster the seen images' teacher features into k classes; top-``topk`` labels each."""
-    from megaclass.clustering.kmeans import KMeansParams, train_kmeans
+    from megaclass.clustering.backends import KMeansParams, train_kmeans
     from megaclass.clustering.search import CentroidSearcher
     from megaclass.clustering.stats import imbalance, quality
     from megaclass.data.embeddings import fuse
@@ -578,7 +578,7 @@ def embed(tail: Tail, act: np.ndarray, batch: int = 256) -> np.ndarray:
 
 
 def metrics(x: np.ndarray, labels: Sequence[str]) -> dict:
-    from megaclass.pipelines.metrics import retrieval_metrics
+    from megaclass.pipelines.retrieval import retrieval_metrics
 
     m = retrieval_metrics(x, labels, recall_ks=(1,), device="cpu")
     return {"R@1": m["recall@1"], "mAP@R": m["map@r"]}
@@ -1086,7 +1086,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from megaclass.data.atomic import write_json_atomic, write_text_atomic
+    from megaclass.core.atomic import write_json_atomic, write_text_atomic
 
     res["figures"] = plot(res, Path(args.figures), "_quick" if cfg.quick else "")
     write_json_atomic(out, res)

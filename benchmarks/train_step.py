@@ -101,12 +101,13 @@ def fixed_batch(a: argparse.Namespace, rank: int) -> dict:
 def run_ours(a, run_dir: str, loader_factory) -> tuple[float, float]:
     """samples/s and data-wait share of trainer.train() after its first metric window
     (the first --warmup steps: engine start, first-touch allocations)."""
+    from megaclass.pipelines.train import make_job
     from megaclass.training import trainer
 
     shutil_rm(run_dir)
     steps = a.warmup + a.steps
     cfg = make_cfg(a, run_dir, steps)
-    trainer.train(cfg, make_loader=loader_factory, resume=False)
+    trainer.train(make_job(cfg), make_loader=loader_factory, resume=False)
     if dist.get_rank() == 0:
         recs = [
             json.loads(x)
@@ -126,6 +127,7 @@ def run_ours(a, run_dir: str, loader_factory) -> tuple[float, float]:
 
 def run_ddp(a, device: torch.device) -> float:
     """Plain DDP loop: same student, same PartialFC head (own optimizer), same batch."""
+    from megaclass.pipelines.train import make_job
     from megaclass.training.encoders import build_student
     from megaclass.training.engine import DistEnv
     from megaclass.training.trainer import build_head, make_head_optimizer
@@ -138,7 +140,7 @@ def run_ddp(a, device: torch.device) -> float:
     ddp = DDP(model)
     world = dist.get_world_size()
     env = DistEnv(dist.get_rank(), 0, world, device, dist.get_backend())
-    head = build_head(cfg, env, a.classes).to(device)
+    head = build_head(make_job(cfg), env, a.classes).to(device)
     head.grad_average = False  # DDP averages; the plain loop accepts the 1/W (same cost)
     opt = torch.optim.AdamW(ddp.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     hopt = make_head_optimizer(head, tc)

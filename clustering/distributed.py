@@ -16,21 +16,15 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import warnings
 
 import numpy as np
 import ray
 import torch
 from megaclass.clustering.lloyd import assign_reduce_torch, topk_torch, update_centroids
+from megaclass.core.net import free_port
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 @ray.remote
@@ -126,7 +120,7 @@ def _make_pool(world: int) -> dict:
     opts = {"num_cpus": cpus, "num_gpus": 1 if use_gpu else 0}
     workers = [LloydWorker.options(**opts).remote(r, world, threads, use_gpu) for r in range(world)]
     master = ray.get(workers[0].node_ip.remote())
-    port = _free_port()
+    port = free_port()
     ray.get([w.setup.remote(master, port) for w in workers])
     return {
         "world": world,

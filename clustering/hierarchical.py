@@ -31,8 +31,11 @@ from megaclass.clustering.kmeans import (
     lloyd_iterate,
     run_iterations,
 )
-from megaclass.data.atomic import atomic_path
+from megaclass.core.atomic import atomic_path
 from tqdm import tqdm
+
+HIER_PARALLEL = ("threads", "ray")
+"""Where the groups run: a local thread pool (fastest on one machine) or Ray tasks (several nodes)."""
 
 log = logging.getLogger(__name__)
 

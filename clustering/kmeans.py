@@ -1,6 +1,8 @@
-"""Spherical k-means behind one interface: ``train_kmeans(x, params, state_dir)``.
+"""Flat spherical k-means: parameters, initialisation, the checkpointed iteration loop, and the
+faiss and in-process Lloyd iterations. ``clustering/backends.py`` puts every backend behind
+one entry, ``train_kmeans(x, params, state_dir)``.
 
-Backends (``params.backend``):
+Backends (``params.backend``, the registry :data:`BACKENDS`):
 
 - ``faiss``: one faiss Lloyd iteration per call (``faiss.Kmeans(niter=1)`` started from the
   current centroids), so that every iteration can be checkpointed; faiss does the assignment
@@ -55,7 +57,7 @@ class KMeansParams:
     """Hierarchical: one more pass per group to report the two-level cluster sizes."""
     """Hierarchical: flat refinement iterations after the two levels."""
     group_batch: int = 64
-    hier_parallel: str = "ray"
+    hier_parallel: str = "threads"
     """'ray' (Ray tasks) or 'threads' (a local thread pool) for the hierarchical groups."""
 
 
@@ -184,42 +186,3 @@ def lloyd_iterate(x: np.ndarray, chunk_size: int = 65536) -> Iterate:
         return new, obj, nre
 
     return step
-
-
-def train_kmeans(
-    x: np.ndarray,
-    params: KMeansParams,
-    state_dir: str | Path | None = None,
-    init: np.ndarray | None = None,
-    ray_address: str | None = None,
-) -> KMeansResult:
-    """Spherical k-means of the (L2-normalised, float32) rows of ``x``.
-
-    ``state_dir`` enables per-iteration checkpoints and resume; ``init`` overrides the seeded
-    initialisation (the tests start every backend from the same centroids).
-    """
-    if params.backend not in BACKENDS:
-        raise ValueError(f"backend {params.backend!r} is not one of {', '.join(BACKENDS)}")
-    if params.k > len(x):
-        raise ValueError(f"k={params.k} exceeds the number of training points {len(x)}")
-    if params.backend == "hierarchical":
-        from megaclass.clustering.hierarchical import train_hierarchical
-
-        return train_hierarchical(x, params, state_dir)
-    if init is None:
-        init = init_centroids(x, params.k, params.seed)
-    fp = data_fingerprint(x, params.backend, params.k, params.seed, init[:4].tobytes())
-    if params.backend == "faiss":
-        return run_iterations(
-            faiss_iterate(x, params.k), init, params.niter, params.seed, state_dir, fp, "faiss"
-        )
-    if params.backend == "lloyd":
-        return run_iterations(
-            lloyd_iterate(x, params.chunk_size), init, params.niter, params.seed, state_dir, fp
-        )
-    from megaclass.clustering.distributed import DistributedLloyd
-
-    with DistributedLloyd(x, params.num_workers, params.chunk_size, params.bf16) as dl:
-        res = run_iterations(dl.iterate, init, params.niter, params.seed, state_dir, fp, "dist")
-        res.extra.update(dl.report(res.centroids))
-    return res

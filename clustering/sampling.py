@@ -42,7 +42,7 @@ def keep_threshold(target: int, total: int) -> int | None:
 
 
 @dataclass
-class Sample:
+class ClusterSample:
     keys: list[str]
     x: np.ndarray  # float32 (n, d), L2-normalised
     classes: list | None  # ground-truth classes (metadata 'class'), when every stem has them
@@ -52,7 +52,7 @@ class Sample:
 
 def load_sample(
     embed_dir: str | Path, stems: list[str], feature: str, target: int, seed: int
-) -> Sample:
+) -> ClusterSample:
     embed_dir = Path(embed_dir)
     total = sum(pq.ParquetFile(metadata_path(embed_dir, s)).metadata.num_rows for s in stems)
     thr = keep_threshold(target, total)
@@ -79,4 +79,4 @@ def load_sample(
         raise ValueError(f"{embed_dir}: the sample is empty (target {target}, {total} rows)")
     x = np.concatenate(xs)
     log.info("sample: %d of %d rows (target %d, seed %d)", len(x), total, target, seed)
-    return Sample(keys, x, classes, rows, total)
+    return ClusterSample(keys, x, classes, rows, total)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from megaclass.data.atomic import atomic_path
+from megaclass.core.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^iter-(\d{4,})\.npz$")

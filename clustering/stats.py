@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from megaclass.data.atomic import atomic_path
+from megaclass.core.atomic import atomic_path
 
 PERCENTILES = (0, 1, 5, 25, 50, 75, 95, 99, 100)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from megaclass.data.atomic import write_json_atomic
+from megaclass.core.atomic import write_json_atomic
 from megaclass.data.demo_render import demo_classes, render_sample
 from megaclass.data.reader import ImageRejected, open_image, to_rgb
 from megaclass.data.stats import SampleStats

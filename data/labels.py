@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from megaclass.data.atomic import atomic_path
+from megaclass.core.atomic import atomic_path
 
 SHA_KEY = b"centroid_sha256"
 

@@ -12,7 +12,6 @@ summary (label histogram, low-score share) goes to ``RUN/labels/_SUCCESS.json``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -22,13 +21,13 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 from megaclass.clustering.fault import maybe_die
+from megaclass.clustering.search import CentroidSearcher, Tree
 from megaclass.clustering.stats import size_stats
-from megaclass.data.atomic import write_json_atomic
+from megaclass.core.rundir import RunDir
 from megaclass.data.embeddings import fuse, list_stems, metadata_path, open_array, read_keys
 from megaclass.data.labels import file_sha256, label_path, write_labels
-from megaclass.pipelines.cluster import embed_dir_of, ensure_ray
-from megaclass.pipelines.config import RunConfig
-from megaclass.pipelines.rundir import RunDir
+from megaclass.pipelines.config import RunConfig, embeddings_dir_of
+from megaclass.pipelines.ray_session import connect_ray
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,6 @@ def _settings(cfg: RunConfig, sha: str) -> dict[str, Any]:
 
 def load_tree(cluster_dir: Path, k: int):  # noqa: ANN201
     """The hierarchical backend's tree if the cluster stage left one for these centroids."""
-    from megaclass.clustering.search import Tree
-
     cp, op = cluster_dir / "tree_coarse.npy", cluster_dir / "tree_offsets.npy"
     if not (cp.exists() and op.exists()):
         return None
@@ -69,7 +66,6 @@ class AssignActor:
         self, cfg: RunConfig, centroid_path: str, sha: str, embed_dir: str, driver_pid: int = 0
     ) -> None:
         import torch
-        from megaclass.clustering.search import CentroidSearcher
 
         a = cfg.assign
         torch.set_num_threads(max(1, int(a.num_cpus_per_actor)))
@@ -170,7 +166,7 @@ def run_assign(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     k = int(np.load(cpath, mmap_mode="r").shape[0])
     if a.topk > k:
         raise ValueError(f"assign.topk = {a.topk} exceeds the number of centroids {k}")
-    embed_dir = embed_dir_of(cfg)
+    embed_dir = embeddings_dir_of(cfg)
     stems = list_stems(embed_dir)
     settings = _settings(cfg, sha)
     todo = []
@@ -190,8 +186,8 @@ def run_assign(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     if todo:
         import ray
 
-        (out / "_SUCCESS.json").unlink(missing_ok=True)  # incomplete until the end
-        ensure_ray(cfg)
+        rd.success_path("assign").unlink(missing_ok=True)  # incomplete until the end
+        connect_ray(cfg)
         ds = ray.data.from_items([{"stem": s} for s in todo], override_num_blocks=len(todo))
         fault = os.environ.get("MEGACLASS_FAULT")  # kill-and-resume tests: reach the actors too
         remote_args = {"runtime_env": {"env_vars": {"MEGACLASS_FAULT": fault}}} if fault else {}
@@ -228,7 +224,7 @@ def run_assign(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         "rows_per_second": rows_done / seconds if seconds > 0 else None,
     }
     summary.update(summarise(out, stems, k, a.low_score_threshold))
-    write_json_atomic(out / "_SUCCESS.json", summary)
+    rd.finish_stage("assign", summary)
     log.info(
         "assign: %d rows, %.0f rows/s this run, low-score share %.3f",
         summary["rows"],
@@ -236,7 +232,3 @@ def run_assign(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         summary["low_score_share"],
     )
     return summary
-
-
-def read_summary(run_dir: str | Path) -> dict[str, Any]:
-    return json.loads((RunDir(run_dir).labels / "_SUCCESS.json").read_text())

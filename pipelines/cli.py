@@ -7,34 +7,19 @@ heavy dependencies (Ray, DeepSpeed) load only when that stage runs.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
-from typing import Any
 
-from megaclass.pipelines.config import ConfigError, config_help, load_config
-from megaclass.pipelines.rundir import ConfigChangedError
+from megaclass.core.config import ConfigError
+from megaclass.core.rundir import ConfigChangedError
+from megaclass.core.stages import STAGES, load_entry
 
 # sub-command -> "module:function"; each function takes (cfg: RunConfig, force: bool) -> dict.
-STAGE_ENTRYPOINTS = {
-    "embed": "megaclass.pipelines.embed:run_embed",
-    "cluster": "megaclass.pipelines.cluster:run_cluster",
-    "assign": "megaclass.pipelines.assign:run_assign",
-    "train": "megaclass.pipelines.train:run_train",
-    "eval": "megaclass.pipelines.eval:run_eval",
-    "run": "megaclass.pipelines.run:run_pipeline",
+STAGE_ENTRYPOINTS = {n: s.entry for n, s in STAGES.items() if s.help} | {
+    "run": "megaclass.pipelines.run:run_pipeline"
 }
 
 
-def _load_entry(spec: str) -> Any:
-    mod_name, fn_name = spec.split(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        if e.name == mod_name:
-            raise SystemExit(f"megaclass: '{mod_name}' is not built yet in this version") from None
-        raise
-    return getattr(mod, fn_name)
 
 
 def _stage_parser(sub: argparse._SubParsersAction, name: str, help_: str) -> None:
@@ -56,13 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo.yaml")
 
     _stage_parser(sub, "run", "all stages in order, resumable")
-    _stage_parser(sub, "embed", "teacher features for every sample (Ray Data)")
-    _stage_parser(sub, "cluster", "spherical k-means into pseudo-classes")
-    _stage_parser(sub, "assign", "top-k pseudo-labels for every sample (Ray Data)")
-    _stage_parser(
-        sub, "train", "train the student (DeepSpeed); `train reshard RUN --world-size N` too"
-    )
-    _stage_parser(sub, "eval", "retrieval on held-out classes")
+    for name, st in STAGES.items():
+        if st.help:
+            _stage_parser(sub, name, st.help)
 
     r = sub.add_parser("report", help="rebuild report.json/md/html from a run directory")
     r.add_argument("run_dir")
@@ -75,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("slurm", help="render an sbatch script from the config")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
-    s.add_argument("--stage", required=True, choices=["embed", "cluster", "assign", "train", "run"])
+    slurm_stages = [n for n, st in STAGES.items() if st.slurm] + ["run"]
+    s.add_argument("--stage", required=True, choices=slurm_stages)
     s.add_argument("--out", default=None, help="write the script here instead of printing it")
 
     sub.add_parser("config-help", help="every config key with its type, default and meaning")
@@ -85,35 +67,39 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     if raw[:2] == ["train", "reshard"]:  # `megaclass train reshard RUN --world-size N`
-        return int(_load_entry("megaclass.pipelines.train:reshard_main")(raw[2:]))
+        return int(load_entry("megaclass.pipelines.train:reshard_main")(raw[2:]))
     args = build_parser().parse_args(raw)
     try:
+        # the run config imports every stage package's config (torch among them): loaded here,
+        # not at module import, so that `megaclass --help` stays instant
+        from megaclass.pipelines.config import config_help, load_config
+
         if args.cmd == "config-help":
             print(config_help())
             return 0
         if args.cmd in STAGE_ENTRYPOINTS:
             cfg = load_config(args.config, args.overrides)
-            result = _load_entry(STAGE_ENTRYPOINTS[args.cmd])(cfg, force=args.force)
+            result = load_entry(STAGE_ENTRYPOINTS[args.cmd])(cfg, force=args.force)
             if isinstance(result, dict) and result.get("print_json", False):
                 print(json.dumps(result, indent=2, default=str))
             return 0
         if args.cmd == "demo":
             return int(
-                _load_entry("megaclass.pipelines.demo:run_demo")(args.out, args.overrides) or 0
+                load_entry("megaclass.pipelines.demo:run_demo")(args.out, args.overrides) or 0
             )
         if args.cmd == "report":
-            _load_entry("megaclass.pipelines.report:build_report")(args.run_dir)
+            load_entry("megaclass.pipelines.report:build_report")(args.run_dir)
             return 0
         if args.cmd == "data":
-            _load_entry("megaclass.data.builders:build_dataset")(
+            load_entry("megaclass.data.builders:build_dataset")(
                 args.dataset, args.out, seed=args.seed
             )
             return 0
         if args.cmd == "slurm":
             cfg = load_config(args.config, args.overrides)
-            script = _load_entry("megaclass.pipelines.slurm:render")(cfg, args.stage, args.config)
+            script = load_entry("megaclass.pipelines.slurm:render")(cfg, args.stage, args.config)
             if args.out:
-                from megaclass.data.atomic import write_text_atomic
+                from megaclass.core.atomic import write_text_atomic
 
                 write_text_atomic(args.out, script)
             else:

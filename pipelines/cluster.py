@@ -9,49 +9,28 @@ run started again resumes from the newest checkpoint and ends with the same cent
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from megaclass.clustering.kmeans import KMeansParams, train_kmeans
+from megaclass.clustering.backends import KMeansParams, train_kmeans
 from megaclass.clustering.lloyd import chunked_topk
 from megaclass.clustering.sampling import load_sample
 from megaclass.clustering.search import Tree, tree_topk
 from megaclass.clustering.stats import plot_objective, plot_sizes, quality, size_stats
-from megaclass.data.atomic import atomic_path, write_json_atomic, write_text_atomic
+from megaclass.core.atomic import atomic_path, write_json_atomic, write_text_atomic
+from megaclass.core.rundir import RunDir
 from megaclass.data.embeddings import validate_embeddings_dir
 from megaclass.data.labels import file_sha256
-from megaclass.pipelines.config import RunConfig
-from megaclass.pipelines.rundir import RunDir
+from megaclass.pipelines.config import RunConfig, embeddings_dir_of
+from megaclass.pipelines.ray_session import connect_ray
 
 log = logging.getLogger(__name__)
 
 # Above this many flops (2·n·k·d) the stats assign the sample through the tree, not exactly.
 EXACT_STATS_FLOPS = 2e11
-
-
-def ensure_ray(cfg: RunConfig) -> None:
-    """Connect to ``ray.address`` or start a local Ray instance with the configured resources."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=False)
-    else:
-        ray.init(
-            num_cpus=cfg.ray.num_cpus,
-            object_store_memory=cfg.ray.object_store_memory,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
-
-
-def embed_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.embed.embeddings_dir) if cfg.embed.embeddings_dir else RunDir(cfg.run_dir).embed
 
 
 def save_array(path: Path, arr: np.ndarray) -> None:
@@ -91,16 +70,14 @@ def _load_byo_centroids(path: str, k: int) -> np.ndarray:
 
 def run_cluster(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     rd = RunDir(cfg.run_dir)
-    rd.write_config(cfg, force)
+    done = rd.begin_stage(cfg, "cluster", force)
+    if done is not None:
+        log.info("cluster: %s exists, stage already complete", rd.success_path("cluster"))
+        return done
     out = rd.cluster
-    success = out / "_SUCCESS.json"
-    if success.exists() and not force:
-        log.info("cluster: %s exists, stage already complete", success)
-        return json.loads(success.read_text())
-    success.unlink(missing_ok=True)  # a forced re-run is incomplete until it ends
     c = cfg.cluster
     t0 = time.perf_counter()
-    embed_dir = embed_dir_of(cfg)
+    embed_dir = embeddings_dir_of(cfg)
     info = validate_embeddings_dir(embed_dir)
     target = c.sample_size if c.sample_size is not None else c.k * c.points_per_centroid
     sample = load_sample(embed_dir, info["stems"], c.feature, target, c.seed)
@@ -126,7 +103,7 @@ def run_cluster(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         seconds = 0.0
     else:
         if c.backend == "distributed" or (c.backend == "hierarchical" and c.hier_parallel == "ray"):
-            ensure_ray(cfg)
+            connect_ray(cfg)
         res = train_kmeans(x, params, state_dir=out / "state")
         centroids = res.centroids.astype(np.float32)
         centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-30)
@@ -189,7 +166,7 @@ def run_cluster(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     plot_sizes(sizes, plots / "sizes.png", f"cluster sizes, k={c.k}")
     stats["plots"] = sorted(str(p.relative_to(out)) for p in plots.glob("*.png"))
     write_json_atomic(out / "stats.json", stats)
-    write_json_atomic(success, stats)
+    rd.finish_stage("cluster", stats)
     log.info(
         "cluster: k=%d from %d points in %.1f s, imbalance %.3f, %d empty",
         c.k,

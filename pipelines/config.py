@@ -1,57 +1,51 @@
-"""Typed run configuration: one dataclass per stage, YAML files, dotted overrides.
+"""The run config: every stage's section composed into one typed tree, loaded from YAML.
 
-A config file maps onto :class:`RunConfig`. Every field carries a docstring (the string
-literal right after it), which ``megaclass config-help`` prints. Unknown keys and values of the
-wrong type are errors that name the dotted key, e.g. ``cluster.k: expected int, got 'many'``.
-
-Overrides on the command line use dotted keys: ``cluster.k=256 train.steps=50``; values are
-parsed as YAML scalars (``true``, ``1e-3``, ``[1, 2]``) and then checked like file values.
+Why sections live in several files: each stage package owns the config of the code it runs
+(``data/config.py``, ``clustering/config.py``, ``training/config.py``), as torchtitan keeps a
+component's config beside it; this module adds the sections that only the pipelines use (embed,
+eval, Ray, Slurm) and composes the whole :class:`RunConfig`. The loader, the error type and the
+checks live one floor down in ``core/config.py``. Every field carries a docstring, which
+``megaclass config-help`` prints (docs/configuration.md).
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import inspect
-import textwrap
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
+from megaclass.clustering.config import AssignConfig, ClusterConfig
+from megaclass.core.config import (
+    ConfigError,
+    config_to_dict,
+    dump_config,
+    field_docs,
+    load_tree,
+    parse_overrides,
+)
+from megaclass.core.config import config_help as _config_help
+from megaclass.data.config import DataConfig
+from megaclass.training.config import TrainConfig
 
-
-class ConfigError(ValueError):
-    """A config value or key is invalid; the message names the dotted key."""
-
-
-# --------------------------------------------------------------------------------------
-# Stage configs
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataConfig:
-    """Where the image-text shards are and how samples are decoded."""
-
-    shards: str = ""
-    """Training/embedding shard spec: brace-expandable paths or URLs joined by '::', or a .txt list file."""
-    eval_shards: str = ""
-    """Evaluation shard spec (held-out classes with a ground-truth class field in the json)."""
-    max_image_pixels: int = 64_000_000
-    """Images with more pixels than this are skipped as decompression bombs (reason 'too_many_pixels')."""
-    class_field: str = "class"
-    """Key in each sample's json holding the ground-truth class (used by eval and cluster quality)."""
-    image_size: int = 224
-    """Side of the square crop fed to the student during training."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank for the training loader."""
-    shuffle_buffer: int = 256
-    """Samples held in the seeded shuffle buffer of the training loader (0 disables shuffling)."""
-    resampled: bool = False
-    """Draw shards with replacement forever (open_clip's resampled mode) instead of epochs."""
+__all__ = [
+    "AssignConfig",
+    "ClusterConfig",
+    "ConfigError",
+    "DataConfig",
+    "EmbedConfig",
+    "EvalConfig",
+    "RayConfig",
+    "RunConfig",
+    "SlurmConfig",
+    "TrainConfig",
+    "config_help",
+    "config_to_dict",
+    "dump_config",
+    "field_docs",
+    "embeddings_dir_of",
+    "labels_dir_of",
+    "load_config",
+    "parse_overrides",
+]
 
 
 @dataclass
@@ -94,139 +88,6 @@ class EmbedConfig:
     """Finish the stage (listing them in _SUCCESS.json) when shards still fail after the retries; default: raise."""
     embeddings_dir: str | None = None
     """Bring your own embeddings: a folder in LAION's layout (img_emb/, text_emb/, metadata/); skips embedding."""
-
-
-@dataclass
-class ClusterConfig:
-    """Spherical k-means over the fused teacher features (the cluster stage)."""
-
-    feature: str = "mean"
-    """Feature clustered: 'image', 'text' or 'mean' (mean of both normalised vectors, renormalised)."""
-    k: int = 64
-    """Number of centroids (pseudo-classes)."""
-    backend: str = "faiss"
-    """'faiss', 'distributed' (Lloyd on Ray workers with torch.distributed) or 'hierarchical'."""
-    niter: int = 20
-    """Lloyd iterations (flat backends), or iterations of each of the two levels (hierarchical)."""
-    sample_size: int | None = None
-    """Absolute number of training points; None derives it from points_per_centroid."""
-    points_per_centroid: int = 256
-    """Training points per centroid when sample_size is None (all points if fewer exist)."""
-    seed: int = 0
-    """Seed of the key-hash sample and of the centroid initialisation."""
-    num_workers: int = 2
-    """Ray workers for the distributed backend / parallel tasks for the hierarchical one."""
-    chunk_size: int = 65536
-    """Rows per chunk in the chunked assignment (bounds memory: chunk_size x k floats)."""
-    bf16: bool = False
-    """Distances in bfloat16 on GPU (top-1 agreement with fp32 is measured and reported)."""
-    coarse_k: int | None = None
-    """Hierarchical backend: first-level clusters (None: round(sqrt(k)))."""
-    centroids: str | None = None
-    """Bring your own centroids: a .npy file (k x d); skips clustering."""
-    refine_niter: int = 0
-    """Hierarchical backend: flat Lloyd iterations over all k after the two levels (each costs a full n x k pass)."""
-    hier_parallel: str = "threads"
-    """Hierarchical backend: run the groups on a local thread pool ('threads', fastest on one machine) or as Ray tasks ('ray', multi-node)."""
-    group_batch: int = 64
-    """Hierarchical backend: groups per task; each finished batch is checkpointed."""
-    stats_nprobe: int = 8
-    """Groups probed when stats assign the sample through the hierarchy (k x sample too large for exact search)."""
-
-
-@dataclass
-class AssignConfig:
-    """Top-k nearest centroids for every sample (the assign stage)."""
-
-    topk: int = 1
-    """Labels kept per sample: 1 for Unicom, 8 for MLCD."""
-    method: str = "exact"
-    """'exact' (chunked matmul top-k), 'hnsw' (faiss HNSW over the centroids) or 'tree' (through the
-    hierarchical backend's coarse level; approximate, for very large k on CPU)."""
-    batch_size: int = 8192
-    """Rows per map_batches call."""
-    concurrency: int = 1
-    """Number of assignment actors."""
-    low_score_threshold: float = 0.5
-    """The summary reports the share of samples whose top-1 cosine is below this."""
-    labels_dir: str | None = None
-    """Bring your own labels: a folder of <stem>.parquet label sidecars; skips assignment."""
-    nprobe: int = 8
-    """Method 'tree': coarse groups searched per sample (more: slower, closer to exact)."""
-    hnsw_m: int = 32
-    """Method 'hnsw': graph degree M of faiss IndexHNSWFlat."""
-    ef_search: int = 128
-    """Method 'hnsw': efSearch (candidate list size at query time)."""
-    num_cpus_per_actor: float = 1.0
-    """CPUs reserved per assignment actor."""
-
-
-@dataclass
-class TrainConfig:
-    """Student training on pseudo-labels with DeepSpeed (the train stage)."""
-
-    objective: str = "pfc"
-    """'pfc' (partial-FC margin softmax), 'mlcd' (multi-label) or 'siglip' (image-text)."""
-    model: str = "efficientnet-lite0"
-    """Backbone: 'efficientnet-lite0' or 'open_clip:<model name>' (its vision tower)."""
-    pretrained: str | None = None
-    """open_clip backbones: pretrained tag or local file; efficientnet-lite0 loads its shipped weights when set to 'shipped'."""
-    embed_dim: int = 256
-    """Size of the projected embedding the head sees."""
-    margin: str = "arcface"
-    """Margin: 'arcface', 'arcface_detached', 'cosface', 'combined', 'adaface', 'elastic_arc', 'elastic_cos', 'none'."""
-    margin_m: float = 0.3
-    """Margin m (ArcFace angle / CosFace cosine offset)."""
-    scale: float = 32.0
-    """Logit scale s."""
-    sample_rate: float = 0.1
-    """Class sampling rate r of partial FC (1.0 = all classes)."""
-    feature_rate: float = 1.0
-    """Feature-dimension sampling rate f (Unicom's dual random selection; 1.0 = all dims)."""
-    num_subcenters: int = 1
-    """Sub-centres per class in the head (sub-center ArcFace uses 3)."""
-    head_update_unsampled: bool = False
-    """Head optimizer also decays/advances momentum of unsampled class rows (Partial FC v2); False = only sampled rows change (v1)."""
-    num_positive_labels: int = 8
-    """MLCD: positive labels per sample (top-l of the assignment)."""
-    steps: int = 100
-    """Optimizer steps to train."""
-    micro_batch_size: int = 32
-    """Samples per rank per forward pass."""
-    grad_accum: int = 1
-    """Gradient accumulation steps."""
-    lr: float = 1e-3
-    """Peak learning rate of the backbone."""
-    head_lr_mult: float = 1.0
-    """Head learning rate = lr x this."""
-    weight_decay: float = 0.05
-    """AdamW weight decay (backbone and head)."""
-    optimizer: str = "adamw"
-    """'adamw' or 'sgd'."""
-    warmup_steps: int = 10
-    """Linear warm-up steps before the cosine decay."""
-    grad_clip: float = 1.0
-    """Gradient-norm clipping of the backbone (0 disables)."""
-    precision: str = "fp32"
-    """'fp32', 'bf16' or 'fp16'."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0, 1 or 2."""
-    ds_config: str | None = None
-    """A DeepSpeed JSON config file merged over the generated one."""
-    ckpt_every: int = 50
-    """Checkpoint every N steps (and on SIGUSR1/SIGTERM)."""
-    keep_last: int = 2
-    """Complete checkpoints kept."""
-    log_every: int = 10
-    """Metrics every N steps."""
-    max_bad_steps: int = 5
-    """Stop with an error after this many consecutive non-finite losses."""
-    freeze_backbone: bool = False
-    """Train only the projection and head."""
-    nproc: int = 1
-    """Ranks that `megaclass run` launches the trainer with (deepspeed/torchrun launch it themselves)."""
-    launcher: str = "torchrun"
-    """How `megaclass run` starts nproc > 1 ranks on this machine: 'torchrun' (torch.distributed.run) or 'deepspeed' (the deepspeed launcher)."""
 
 
 @dataclass
@@ -308,7 +169,7 @@ class RunConfig:
     """A whole megaclass run: where it lives and each stage's settings."""
 
     run_dir: str = "runs/default"
-    """Run directory; every stage writes under it (see DESIGN.md)."""
+    """Run directory; every stage writes under it (docs/architecture.md, "The run directory")."""
     seed: int = 0
     """Global seed."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -329,220 +190,30 @@ class RunConfig:
     """Sbatch script rendering (`megaclass slurm`)."""
 
 
-# Allowed values for string fields, checked on load so mistakes fail early with the key name.
-CHOICES: dict[str, tuple[str, ...]] = {
-    "cluster.feature": ("image", "text", "mean"),
-    "cluster.backend": ("faiss", "distributed", "hierarchical"),
-    "assign.method": ("exact", "hnsw", "tree"),
-    "cluster.hier_parallel": ("threads", "ray"),
-    "train.objective": ("pfc", "mlcd", "siglip"),
-    "train.margin": (
-        "arcface",
-        "arcface_detached",
-        "cosface",
-        "combined",
-        "adaface",
-        "elastic_arc",
-        "elastic_cos",
-        "none",
-    ),
-    "train.optimizer": ("adamw", "sgd"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.launcher": ("torchrun", "deepspeed"),
-}
-
-
-# --------------------------------------------------------------------------------------
-# Loading, overriding, validating
-# --------------------------------------------------------------------------------------
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> docstring (the string literal following the field in the class body)."""
-    try:
-        src = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    body = ast.parse(src).body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = nxt.value.value.strip()
-    return docs
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against annotation ``tp``; allow int->float; raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected int, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected float, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected str, got {value!r}")
-    return value
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in values:
-        if k not in names:
-            where = f"{prefix}.{k}" if prefix else k
-            raise ConfigError(f"{where}: unknown key (valid: {', '.join(sorted(names))})")
-    kwargs = {}
-    for k, v in values.items():
-        key = f"{prefix}.{k}" if prefix else k
-        kwargs[k] = _coerce(v, hints[k], key)
-        choices = CHOICES.get(key)
-        if choices is not None and kwargs[k] not in choices:
-            raise ConfigError(f"{key}: {kwargs[k]!r} is not one of {', '.join(choices)}")
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = tree
-    for p in parts[:-1]:
-        child = node.setdefault(p, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{key}: '{p}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["cluster.k=8", "train.lr=1e-3"]`` -> nested dict with YAML-parsed values."""
-    tree: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
-        # YAML reads "1e-3" as a string; accept it as a float where one is expected later.
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value for c in "eE.") else value
-            except ValueError:
-                pass
-        _set_dotted(tree, key, value)
-    return tree
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _fix_str_floats(tree: dict[str, Any], cls: type, prefix: str = "") -> None:
-    """YAML 1.1 reads '1e-3' as a string: turn such strings into floats where a float is expected."""
-    hints = typing.get_type_hints(cls)
-    for k, v in list(tree.items()):
-        tp = hints.get(k)
-        if tp is None:
-            continue
-        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
-            _fix_str_floats(v, tp, f"{prefix}{k}.")
-        elif tp in (float, float | None) and isinstance(v, str):
-            try:
-                tree[k] = float(v)
-            except ValueError:
-                pass
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping")
-        tree = loaded
-    if overrides:
-        tree = _merge(tree, parse_overrides(overrides))
-    _fix_str_floats(tree, RunConfig)
-    return _build(RunConfig, tree)
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain nested dicts (YAML/JSON serialisable)."""
-    return dataclasses.asdict(cfg)
-
-
-def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    """Read a YAML run config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    return load_tree(RunConfig, path, overrides)
 
 
 def config_help() -> str:
-    """Every field of every section with its type, default and docstring."""
-    lines = []
+    """Every field of every section with its type, default, allowed values and docstring."""
+    return _config_help(RunConfig)
 
-    def walk(cls: type, prefix: str) -> None:
-        docs = field_docs(cls)
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            key = f"{prefix}{f.name}"
-            tp = hints[f.name]
-            if dataclasses.is_dataclass(tp):
-                lines.append(f"\n[{key}]  {docs.get(f.name, '')}")
-                walk(tp, key + ".")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {key} ({_type_name(tp)}, default {default!r}): {docs.get(f.name, '')}")
 
-    walk(RunConfig, "")
-    return "\n".join(lines).lstrip()
+# --------------------------------------------------------------------------------------
+# Where a run's inputs are: the one resolver of each bring-your-own override
+# --------------------------------------------------------------------------------------
+
+
+def embeddings_dir_of(cfg: RunConfig) -> Path:
+    """Where cluster and assign read embeddings: ``embed.embeddings_dir`` if set, else RUN/embed."""
+    if cfg.embed.embeddings_dir:
+        return Path(cfg.embed.embeddings_dir).expanduser()
+    return Path(cfg.run_dir) / "embed"
+
+
+def labels_dir_of(cfg: RunConfig) -> Path:
+    """Where training reads label sidecars: ``assign.labels_dir`` if set, else RUN/labels."""
+    if cfg.assign.labels_dir:
+        return Path(cfg.assign.labels_dir).expanduser()
+    return Path(cfg.run_dir) / "labels"

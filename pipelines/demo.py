@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import megaclass
-from megaclass.data.atomic import write_text_atomic
+from megaclass.core.atomic import write_text_atomic
+from megaclass.data.builders import build_dataset
 from megaclass.pipelines.config import load_config
+from megaclass.pipelines.eval import format_table
+from megaclass.pipelines.run import run_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +37,6 @@ def _shard_list(folder: Path, out: Path) -> Path:
 
 def run_demo(out: str = "runs/demo", overrides: list[str] | None = None) -> int:
     """Build the demo data if needed, then run every stage; returns a process exit code."""
-    from megaclass.data.builders import build_dataset
-    from megaclass.pipelines.run import run_pipeline
-
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -92,8 +92,6 @@ def summary_text(root: Path, times: dict[str, str], total: float, interrupted: b
 
 def eval_table_text(root: Path) -> str | None:
     """The eval stage's teacher-vs-student table, from RUN/eval/metrics.json."""
-    from megaclass.pipelines.eval import format_table
-
     path = root / "eval" / "metrics.json"
     if not path.is_file():
         return None

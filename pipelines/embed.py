@@ -42,10 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from megaclass.data.atomic import atomic_path, write_json_atomic
+from megaclass.core.atomic import atomic_path, write_json_atomic
+from megaclass.core.rundir import RunDir
 from megaclass.data.stats import SampleStats
 from megaclass.pipelines.config import RunConfig
-from megaclass.pipelines.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 

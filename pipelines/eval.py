@@ -2,7 +2,7 @@
 
 ``megaclass eval CONFIG`` reads ``data.eval_shards`` (WebDataset shards whose sample json holds
 the ground-truth class under ``data.class_field``), embeds every image with each encoder in
-``eval.encoders``, and computes the SOP-protocol metrics of :mod:`megaclass.pipelines.metrics`
+``eval.encoders``, and computes the SOP-protocol metrics of :mod:`megaclass.pipelines.retrieval`
 on the full features and on the first d dimensions (``eval.compact_dims``).
 
 Encoder specs (``eval.encoders`` entries; ``label=spec`` names a column, e.g. ``ours=/x/export``):
@@ -40,11 +40,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from megaclass.data.atomic import atomic_path, write_json_atomic
+from megaclass.core.atomic import atomic_path, write_json_atomic
+from megaclass.core.rundir import RunDir
+from megaclass.data.reader import iter_samples
+from megaclass.data.shards import expand_shards
 from megaclass.data.stats import SampleStats
 from megaclass.pipelines.config import RunConfig, config_to_dict
-from megaclass.pipelines.metrics import evaluate_features, resolve_device
-from megaclass.pipelines.rundir import RunDir
+from megaclass.pipelines.retrieval import evaluate_features, resolve_device
+from megaclass.training.checkpoint import latest_complete
+from megaclass.training.encoders import register_tiny_configs
+from megaclass.training.export import ENCODER_FILE, load_encoder
+from megaclass.training.teachers import EFFICIENTNET_LITE0, OPEN_CLIP_PREFIX, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +68,7 @@ class EvalError(ValueError):
 
 
 @dataclass
-class EncoderSpec:
+class EncoderEntry:
     """One entry of ``eval.encoders``, resolved: how to load it and how to recognise it again."""
 
     name: str
@@ -94,15 +100,9 @@ def _file_sig(path: str | Path) -> dict[str, Any] | None:
 
 def _weights_sig(p: Path) -> dict[str, Any] | None:
     """The file load_encoder would read for ``p`` (export file or newest complete checkpoint)."""
-    from megaclass.training.export import ENCODER_FILE
-
     for f in [p] if p.is_file() else [p / ENCODER_FILE, p / "export" / ENCODER_FILE]:
         if f.is_file():
             return _file_sig(f)
-    try:
-        from megaclass.training.checkpoint import latest_complete
-    except ImportError:
-        return None
     ck = latest_complete(p / "train" / "ckpt") if p.is_dir() else None
     if ck is None:
         return None
@@ -110,16 +110,14 @@ def _weights_sig(p: Path) -> dict[str, Any] | None:
     return {"checkpoint": str(ck.resolve()), "files": [_file_sig(q) for q in files[:64]]}
 
 
-def parse_encoder_spec(entry: str, cfg: RunConfig) -> EncoderSpec:
-    """Turn an ``eval.encoders`` entry into an :class:`EncoderSpec` (no weights loaded)."""
-    from megaclass.training.teachers import EFFICIENTNET_LITE0, OPEN_CLIP_PREFIX
-
+def parse_encoder_spec(entry: str, cfg: RunConfig) -> EncoderEntry:
+    """Turn an ``eval.encoders`` entry into an :class:`EncoderEntry` (no weights loaded)."""
     label = None
     m = _LABEL_RE.match(entry)
     if m and not entry.startswith(OPEN_CLIP_PREFIX):
         label, entry = m.group(1), m.group(2)
     if entry == "teacher":
-        return EncoderSpec(
+        return EncoderEntry(
             name=label or "teacher",
             kind="teacher",
             spec=entry,
@@ -128,10 +126,10 @@ def parse_encoder_spec(entry: str, cfg: RunConfig) -> EncoderSpec:
             image_size=cfg.embed.image_size,
         )
     if entry == "student":
-        return EncoderSpec(name=label or "student", kind="student", spec=entry, path=cfg.run_dir)
+        return EncoderEntry(name=label or "student", kind="student", spec=entry, path=cfg.run_dir)
     if entry.startswith(OPEN_CLIP_PREFIX) or entry == EFFICIENTNET_LITE0:
         model, _, pretrained = entry.partition("@")
-        return EncoderSpec(
+        return EncoderEntry(
             name=label or entry,
             kind="model",
             spec=entry,
@@ -145,14 +143,14 @@ def parse_encoder_spec(entry: str, cfg: RunConfig) -> EncoderSpec:
             "or an existing path to an exported encoder / run directory"
         )
     name = p.parent.name if p.is_file() else p.name
-    return EncoderSpec(name=label or name or entry, kind="path", spec=entry, path=str(p))
+    return EncoderEntry(name=label or name or entry, kind="path", spec=entry, path=str(p))
 
 
 @dataclass
 class LoadedEncoder:
     """A frozen image encoder: PIL → tensor transform, and batch → unit float32 rows."""
 
-    spec: EncoderSpec
+    spec: EncoderEntry
     transform: Callable[[Any], torch.Tensor]
     encode: Callable[[torch.Tensor], np.ndarray]
     dim: int | None = None
@@ -161,12 +159,9 @@ class LoadedEncoder:
     chunks: list[np.ndarray] = field(default_factory=list)
 
 
-def load_encoder_for_eval(spec: EncoderSpec, device: torch.device) -> LoadedEncoder:
+def load_encoder_for_eval(spec: EncoderEntry, device: torch.device) -> LoadedEncoder:
     """Load the weights named by ``spec`` on ``device`` (eval mode, no gradients)."""
     if spec.kind in ("teacher", "model"):
-        from megaclass.training.encoders import register_tiny_configs
-        from megaclass.training.teachers import load_teacher
-
         register_tiny_configs()  # the student's tiny test architectures, for their open_clip export
 
         teacher = load_teacher(
@@ -175,8 +170,6 @@ def load_encoder_for_eval(spec: EncoderSpec, device: torch.device) -> LoadedEnco
         return LoadedEncoder(
             spec, teacher.image_transform, teacher.encode_images, teacher.image_dim
         )
-
-    from megaclass.training.export import load_encoder
 
     try:
         module, transform = load_encoder(spec.path)
@@ -219,7 +212,6 @@ def embed_eval_set(
     batch_size: int,
 ) -> tuple[list[str], list[str], SampleStats]:
     """One pass over the shards feeding every encoder; returns keys, classes and read stats."""
-    from megaclass.data.reader import iter_samples
     from tqdm.auto import tqdm
 
     stats = SampleStats()
@@ -283,14 +275,12 @@ def _load_features(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
 
 def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     """Embed the eval set with every configured encoder, compute metrics, write and print them."""
-    from megaclass.data.shards import expand_shards
-
     t_start = time.perf_counter()
     rd = RunDir(cfg.run_dir)
     rd.write_config(cfg, force)
     out_dir = rd.eval
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "_SUCCESS.json").unlink(missing_ok=True)
+    rd.success_path("eval").unlink(missing_ok=True)  # incomplete until the end
     ec = cfg.eval
     if not cfg.data.eval_shards:
         raise EvalError("data.eval_shards is empty: point it at shards with held-out classes")
@@ -312,7 +302,7 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     keys: list[str] | None = None
     classes: list[str] | None = None
     read_stats: dict[str, Any] | None = None
-    pending: list[EncoderSpec] = []
+    pending: list[EncoderEntry] = []
     for sp in specs:
         slug = _slug(sp.name)
         rec = RunDir.read_done(out_dir, slug)
@@ -427,7 +417,7 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         "wall_s": round(time.perf_counter() - t_start, 3),
     }
     write_json_atomic(out_dir / "metrics.json", summary)
-    write_json_atomic(out_dir / "_SUCCESS.json", summary)
+    rd.finish_stage("eval", summary)
     print(format_table(summary))
     return summary
 

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from megaclass.data.atomic import atomic_path, write_json_atomic, write_text_atomic
-from megaclass.pipelines.rundir import STAGES, RunDir
+from megaclass.core.atomic import atomic_path, write_json_atomic, write_text_atomic
+from megaclass.core.rundir import STAGES, RunDir
 
 log = logging.getLogger(__name__)
 

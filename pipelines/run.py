@@ -28,7 +28,6 @@ the Ray stages is shut down first so that the ranks get the CPUs.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -37,31 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megaclass.pipelines.config import ConfigError, RunConfig, load_config
-from megaclass.pipelines.rundir import ConfigChangedError, RunDir
+from megaclass.core.rundir import ConfigChangedError, RunDir
+from megaclass.core.stages import PIPELINE, STAGES, load_entry
+from megaclass.data.labels import label_path
+from megaclass.data.shards import expand_shards, shard_stem
+from megaclass.pipelines.config import ConfigError, RunConfig, labels_dir_of, load_config
 
 log = logging.getLogger(__name__)
-
-PIPELINE = ("embed", "cluster", "assign", "train", "eval", "report")
-ENTRYPOINTS = {
-    "embed": "megaclass.pipelines.embed:run_embed",
-    "cluster": "megaclass.pipelines.cluster:run_cluster",
-    "assign": "megaclass.pipelines.assign:run_assign",
-    "train": "megaclass.pipelines.train:run_train",
-    "eval": "megaclass.pipelines.eval:run_eval",
-    "report": "megaclass.pipelines.report:build_report",
-}
-
-
-# The run-directory folders each stage writes ("" = the run root itself, not recursed).
-STAGE_FOLDERS = {
-    "embed": ("embed",),
-    "cluster": ("cluster",),
-    "assign": ("labels",),
-    "train": ("train", "export"),
-    "eval": ("eval",),
-    "report": ("plots", ""),
-}
 
 
 @dataclass
@@ -73,17 +54,9 @@ class StagePlan:
     reason: str
 
 
-def success_path(cfg: RunConfig, stage: str):
+def success_path(cfg: RunConfig, stage: str) -> Path | None:
     """The file whose presence marks ``stage`` complete (None for the report: always rebuilt)."""
-    rd = RunDir(cfg.run_dir)
-    folder = {
-        "embed": rd.embed,
-        "cluster": rd.cluster,
-        "assign": rd.labels,
-        "train": rd.train,
-        "eval": rd.eval,
-    }.get(stage)
-    return None if folder is None else folder / "_SUCCESS.json"
+    return RunDir(cfg.run_dir).success_path(stage) if STAGES[stage].marked else None
 
 
 def plan(cfg: RunConfig, stages: tuple[str, ...] | list[str] = PIPELINE) -> list[StagePlan]:
@@ -116,7 +89,7 @@ def plan(cfg: RunConfig, stages: tuple[str, ...] | list[str] = PIPELINE) -> list
 def remove_stale_temporaries(run_dir: str | Path, stage: str) -> list[Path]:
     """Delete the ``.tmp-*`` files a killed writer of ``stage`` left in its run-dir folders."""
     removed = []
-    for sub in STAGE_FOLDERS[stage]:
+    for sub in STAGES[stage].folders:
         folder = Path(run_dir) / sub
         if not folder.is_dir():
             continue
@@ -138,10 +111,8 @@ def check_labels_for_training(cfg: RunConfig) -> None:
     """
     if cfg.train.objective == "siglip":  # trains on the captions, no labels
         return
-    from megaclass.data.labels import label_path
-    from megaclass.data.shards import expand_shards, shard_stem
 
-    labels_dir = Path(cfg.assign.labels_dir or RunDir(cfg.run_dir).labels)
+    labels_dir = labels_dir_of(cfg)
     shards = expand_shards(cfg.data.shards)
     if any(label_path(labels_dir, shard_stem(u)).exists() for u in shards):
         return  # the loader warns about (and counts) shards without a sidecar
@@ -157,8 +128,7 @@ def check_labels_for_training(cfg: RunConfig) -> None:
 
 
 def _entry(stage: str) -> Any:
-    mod, fn = ENTRYPOINTS[stage].split(":")
-    return getattr(importlib.import_module(mod), fn)
+    return load_entry(STAGES[stage].entry)
 
 
 def _shutdown_local_ray() -> None:

@@ -33,15 +33,15 @@ import sys
 import time
 from pathlib import Path
 
+from megaclass.core.stages import STAGES as REGISTRY
+from megaclass.core.stages import SUCCESS
 from megaclass.pipelines.config import ConfigError, RunConfig, dump_config
 
 log = logging.getLogger(__name__)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm"
-STAGES = ("embed", "cluster", "assign", "train", "run")
-RAY_STAGES = ("embed", "cluster", "assign")
-# stage -> folder holding its _SUCCESS.json (DESIGN.md run directory)
-STAGE_FOLDER = {"embed": "embed", "cluster": "cluster", "assign": "labels", "train": "train"}
+STAGES = tuple(n for n, s in REGISTRY.items() if s.slurm) + ("run",)
+RAY_STAGES = tuple(n for n, s in REGISTRY.items() if s.slurm == "ray")
 CONFIG_EOF = "MEGACLASS_CONFIG_EOF"
 
 
@@ -134,7 +134,7 @@ def _config_yaml(cfg: RunConfig) -> str:
 
 
 def _done(run_dir_var: str, stage: str) -> str:
-    return f'"{run_dir_var}/{STAGE_FOLDER[stage]}/_SUCCESS.json"'
+    return f'"{run_dir_var}/{REGISTRY[stage].folders[0]}/{SUCCESS}"'
 
 
 def _body(cfg: RunConfig, stage: str) -> str:

@@ -2,8 +2,9 @@
 
 Launch any of these ways (one code path; the process group comes from the environment):
 
-    megaclass train cfg.yaml            # one process; with train.nproc=N it starts the
-                                        # deepspeed launcher with N ranks itself
+    megaclass train cfg.yaml            # one process; with train.nproc=N it starts N ranks
+                                        # itself (train.launcher: torchrun, the default, or
+                                        # the deepspeed launcher)
     deepspeed --num_gpus 8 --module megaclass.pipelines.train cfg.yaml
     torchrun --nproc_per_node 8 -m megaclass.pipelines.train cfg.yaml
     srun --ntasks-per-node 8 python -m megaclass.pipelines.train cfg.yaml
@@ -23,11 +24,24 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from megaclass.data.atomic import write_json_atomic
-from megaclass.pipelines.config import ConfigError, RunConfig, dump_config, load_config
-from megaclass.pipelines.rundir import RunDir
+import numpy as np
+from megaclass.core.net import free_port
+from megaclass.core.rundir import RunDir
+from megaclass.data.labels import file_sha256
+from megaclass.pipelines.config import (
+    ConfigError,
+    RunConfig,
+    dump_config,
+    labels_dir_of,
+    load_config,
+)
+from megaclass.training import checkpoint as ckpt
+from megaclass.training.config import TrainJob
+from megaclass.training.engine import shutdown_distributed
+from megaclass.training.export import export_encoder
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +55,20 @@ def _under_launcher() -> bool:
 def run_train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     """Train (resuming from the newest complete checkpoint), export, write _SUCCESS.json.
 
-    With ``train.nproc > 1`` and no launcher around us, starts ``deepspeed --num_gpus nproc``
-    on this module and waits for it (the ranks do the work).
+    With ``train.nproc > 1`` and no launcher around us, starts ``train.nproc`` ranks of this
+    module with ``train.launcher`` (torchrun by default, or the deepspeed launcher) and waits
+    for them (the ranks do the work).
     """
     rd = RunDir(cfg.run_dir)
     rd.write_config(cfg, force)
     if cfg.train.nproc > 1 and not _under_launcher():
         return _launch_local(cfg, rd)
 
-    from megaclass.training import trainer
+    from megaclass.training import trainer  # DeepSpeed: imported only where ranks train
 
     t0 = time.time()
     try:
-        summary = trainer.train(cfg)
+        summary = trainer.train(make_job(cfg))
     except Exception as e:
         if type(e).__name__ == "LabelShaMismatchError":
             raise SystemExit(
@@ -70,17 +85,54 @@ def run_train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if not summary["interrupted"] and rank == 0:
         summary["export"] = export_run(cfg, rd, summary, model)
-        write_json_atomic(rd.train / "_SUCCESS.json", summary)
+        rd.finish_stage("train", summary)
     if dist.is_initialized():
         dist.barrier()
     return summary
 
 
+def make_job(cfg: RunConfig) -> TrainJob:
+    """The trainer's whole input, resolved from the run config and the run directory: the
+    class count (rows of the centroids), where the labels are and which centroids they must
+    come from. The trainer itself never looks at other stages' folders."""
+    rd = RunDir(cfg.run_dir)
+    labels = None if cfg.train.objective == "siglip" else labels_dir_of(cfg)
+    return TrainJob(
+        train=cfg.train,
+        data=cfg.data,
+        seed=cfg.seed,
+        train_dir=rd.train,
+        num_classes=count_classes(cfg) if labels is not None else 0,
+        labels_dir=labels,
+        centroid_sha=expected_centroid_sha(cfg) if labels is not None else None,
+    )
+
+
+def count_classes(cfg: RunConfig) -> int:
+    """Pseudo-classes = rows of RUN/cluster/centroids.npy (or cluster.centroids), else cluster.k."""
+    for p in (cfg.cluster.centroids, str(RunDir(cfg.run_dir).cluster / "centroids.npy")):
+        if p and Path(p).is_file():
+            return int(np.load(p, mmap_mode="r", allow_pickle=False).shape[0])
+    return int(cfg.cluster.k)
+
+
+def expected_centroid_sha(cfg: RunConfig) -> str | None:
+    """The sha that every label sidecar must carry (None when labels are brought by the user)."""
+    if cfg.assign.labels_dir:
+        return None
+    rd = RunDir(cfg.run_dir)
+    f = rd.cluster / "centroids.sha256"
+    if f.is_file():
+        return f.read_text().strip()
+    npy = rd.cluster / "centroids.npy"
+    if npy.is_file():
+        return file_sha256(npy)
+    return None
+
+
 def export_run(cfg: RunConfig, rd: RunDir, summary: dict[str, Any], model: Any) -> dict[str, str]:
     """Export the trained StudentModel into RUN/export with a model card."""
     import json
-
-    from megaclass.training.export import export_encoder
 
     eval_numbers = None
     mpath = rd.eval / "metrics.json"
@@ -88,7 +140,7 @@ def export_run(cfg: RunConfig, rd: RunDir, summary: dict[str, Any], model: Any) 
         eval_numbers = json.loads(mpath.read_text())
     card = {
         "training": {k: v for k, v in summary.items() if k != "export"},
-        "data": {"shards": cfg.data.shards, "labels": cfg.assign.labels_dir or str(rd.labels)},
+        "data": {"shards": cfg.data.shards, "labels": str(labels_dir_of(cfg))},
         "eval": eval_numbers,
         "config": dump_config(cfg),
     }
@@ -97,7 +149,7 @@ def export_run(cfg: RunConfig, rd: RunDir, summary: dict[str, Any], model: Any) 
 
 def _launch_local(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     """Start ``train.nproc`` ranks on this machine (torchrun or the deepspeed launcher)."""
-    n, port = str(cfg.train.nproc), str(_free_port())
+    n, port = str(cfg.train.nproc), str(free_port())
     if cfg.train.launcher == "deepspeed":
         head = ["-m", "deepspeed.launcher.runner", "--num_gpus", n, "--master_port", port]
         head += ["--module", "megaclass.pipelines.train"]
@@ -109,12 +161,7 @@ def _launch_local(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     res = run_tied_to_parent(cmd)
     if res.returncode != 0:
         raise RuntimeError(f"the training ranks exited with {res.returncode}: {' '.join(cmd)}")
-    success = rd.train / "_SUCCESS.json"
-    if success.is_file():
-        import json
-
-        return json.loads(success.read_text())
-    return {"interrupted": True}
+    return rd.read_success("train") or {"interrupted": True}
 
 
 def run_tied_to_parent(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -143,12 +190,6 @@ def _die_with_parent(parent: int) -> Callable[[], None] | None:
     return arm
 
 
-def _free_port() -> int:
-    from megaclass.training.engine import _free_port as fp
-
-    return fp()
-
-
 def reshard_main(argv: list[str]) -> int:
     """``megaclass train reshard RUN --world-size N [--step S]``."""
     ap = argparse.ArgumentParser(
@@ -160,7 +201,6 @@ def reshard_main(argv: list[str]) -> int:
     ap.add_argument("--world-size", type=int, required=True, help="ranks of the next run")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     args = ap.parse_args(argv)
-    from megaclass.training import checkpoint as ckpt
 
     root = RunDir(args.run_dir).ckpt
     if args.step is None:
@@ -201,7 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"megaclass: config error: {e}", file=sys.stderr)
         return 2
-    from megaclass.training.engine import shutdown_distributed
 
     shutdown_distributed()  # a live gloo group at exit can abort a finished rank (status -6)
     return 0

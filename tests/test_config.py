@@ -1,7 +1,7 @@
 import pytest
 import yaml
+from megaclass.core.rundir import ConfigChangedError, RunDir
 from megaclass.pipelines.config import ConfigError, RunConfig, config_help, load_config
-from megaclass.pipelines.rundir import ConfigChangedError, RunDir
 
 
 def _write(tmp_path, text):

@@ -32,7 +32,7 @@ from megaclass.pipelines.embed import (
     input_signature,
     run_embed,
 )
-from megaclass.pipelines.rundir import RunDir
+from megaclass.core.rundir import RunDir
 from megaclass.training.teachers import load_teacher
 from PIL import Image
 

@@ -13,7 +13,7 @@ from megaclass.data.stats import SampleStats
 from megaclass.data.writer import ShardWriter
 from megaclass.pipelines.config import DataConfig, EmbedConfig, RayConfig, RunConfig
 from megaclass.pipelines.embed import run_embed
-from megaclass.pipelines.rundir import RunDir
+from megaclass.core.rundir import RunDir
 from megaclass.training.teachers import load_teacher
 from PIL import Image
 

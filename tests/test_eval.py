@@ -16,7 +16,7 @@ from megaclass.pipelines.eval import (
     parse_encoder_spec,
     run_eval,
 )
-from megaclass.pipelines.metrics import evaluate_features
+from megaclass.pipelines.retrieval import evaluate_features
 from PIL import Image
 
 COLORS = {

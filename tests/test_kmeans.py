@@ -6,8 +6,9 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from megaclass.clustering.backends import train_kmeans
 from megaclass.clustering.hierarchical import allocate
-from megaclass.clustering.kmeans import KMeansParams, init_centroids, train_kmeans
+from megaclass.clustering.kmeans import KMeansParams, init_centroids
 from megaclass.clustering.lloyd import (
     assign_reduce,
     chunked_topk,

@@ -9,7 +9,8 @@ import faiss
 import numpy as np
 import pytest
 import ray
-from megaclass.clustering.kmeans import KMeansParams, init_centroids, train_kmeans
+from megaclass.clustering.backends import train_kmeans
+from megaclass.clustering.kmeans import KMeansParams, init_centroids
 from megaclass.clustering.lloyd import chunked_topk, lloyd_reference
 from megaclass.clustering.synthetic import planted_sphere
 from sklearn.metrics import normalized_mutual_info_score

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from megaclass.pipelines.metrics import (
+from megaclass.pipelines.retrieval import (
     MetricsError,
     _knn_votes,
     compact_features,

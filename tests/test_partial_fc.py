@@ -12,14 +12,15 @@ from __future__ import annotations
 import math
 import os
 import runpy
-import socket
 import traceback
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from megaclass.training.heads import PartialFC, RowSparseOptimizer, shard_range, step_generator
+from megaclass.core.net import free_port
+from megaclass.training.heads import PartialFC, shard_range, step_generator
+from megaclass.training.optim import RowSparseOptimizer
 
 C, D, BG, SCALE, SEED = 23, 12, 12, 16.0, 3
 
@@ -225,10 +226,6 @@ def run_checks(rank: int, world: int) -> dict:
 
 
 # --------------------------------------------------------------------------- launcher
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn_gloo(world: int, timeout: float = 240.0, script: str | None = None) -> list[dict]:
@@ -241,7 +238,7 @@ def spawn_gloo(world: int, timeout: float = 240.0, script: str | None = None) ->
     """
     ctx = torch.multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = []
     for r in range(world):
         g = {"GLOO": {"rank": r, "world": world, "port": port, "queue": q}}

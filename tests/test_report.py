@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from megaclass.data.atomic import write_json_atomic
+from megaclass.core.atomic import write_json_atomic
 from megaclass.pipelines.config import RunConfig, dump_config
-from megaclass.pipelines.metrics import evaluate_features
+from megaclass.pipelines.retrieval import evaluate_features
 from megaclass.pipelines.report import build_report
 from PIL import Image
 

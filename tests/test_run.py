@@ -128,8 +128,8 @@ def test_stale_temporaries_of_the_starting_stage_are_removed(tmp_path):
 
 
 def test_cli_refuses_a_changed_config_with_a_message(tmp_path, capsys):
+    from megaclass.core.rundir import RunDir
     from megaclass.pipelines.cli import main as cli_main
-    from megaclass.pipelines.rundir import RunDir
 
     run = tmp_path / "run"
     RunDir(run).write_config(load_config(None, [f"run_dir={run}", "cluster.k=5"]))

@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import os
 import runpy
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
+from megaclass.core.net import free_port
 from megaclass.training.losses import SigLipLogits, siglip_loss
 
 N_PER_RANK, DIM = 3, 8
@@ -89,16 +89,10 @@ def check_against_reference(world: int, results: list[dict]) -> list[str]:
     return fails
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn_gloo(world: int, timeout: float = 240.0) -> list:
     """Run this file's ``_worker`` on ``world`` gloo ranks; returns each rank's result."""
     ctx = torch.multiprocessing.get_context("spawn")
-    q, port, procs = ctx.Queue(), _free_port(), []
+    q, port, procs = ctx.Queue(), free_port(), []
     for r in range(world):
         g = {"GLOO": {"rank": r, "world": world, "port": port, "queue": q}}
         p = ctx.Process(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from megaclass.core.net import free_port
 from megaclass.data.labels import file_sha256, write_labels
 from megaclass.data.writer import ShardWriter
 from PIL import Image
@@ -31,12 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 NCLS = 8
 COLORS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (220, 220, 30), (220, 30, 220),
           (30, 220, 220), (240, 240, 240), (90, 90, 90)]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +126,7 @@ def deepspeed_launch(target: list[str], n: int = 2, **env) -> None:
         "--num_gpus",
         str(n),
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         *target,
     ]
     _check(
@@ -245,7 +239,7 @@ def test_sigterm_then_resume_equals_uninterrupted(pfc_run, tmp_path, shards):
 
 def _srun_style(cfg: Path, n: int = 2) -> None:
     """Start n ranks the way srun does: only SLURM_* variables (plus the master address)."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = [
         subprocess.Popen(
             [PY, "-m", "megaclass.pipelines.train", str(cfg)],
@@ -315,7 +309,7 @@ def test_mlcd_srun_style_zero1_then_reshard_to_one_rank(tmp_path, shards):
 
 def test_siglip_under_torchrun(tmp_path, shards):
     run = _make_run(tmp_path, shards, "siglip", objective="siglip", steps=4, ckpt_every=4, lr=1e-3)
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "megaclass.pipelines.train", str(run / "cfg.yaml")]  # fmt: skip
     _check(subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=REPO))
     losses = [x["loss"] for x in _metrics(run)]
@@ -326,6 +320,7 @@ def test_siglip_under_torchrun(tmp_path, shards):
 NAN_SCRIPT = """
 import sys, torch
 from megaclass.pipelines.config import load_config
+from megaclass.pipelines.train import make_job
 from megaclass.training import trainer
 from megaclass.training.heads import PartialFC
 
@@ -340,7 +335,7 @@ def head(cfg, env, n):
 
 cfg = load_config(sys.argv[1], sys.argv[2:])
 try:
-    trainer.train(cfg, make_head=head)
+    trainer.train(make_job(cfg), make_head=head)
 except trainer.NonFiniteLossError as e:
     print("STOPPED:", e)
 """
@@ -449,6 +444,7 @@ def _ws_cfg(run: Path, world: int):
 
 def _ws_checks(rank: int, world: int) -> dict:
     """In a gloo rank: trainer.train() on this rank's slices of the fixed global batches."""
+    from megaclass.pipelines.train import make_job
     from megaclass.training import trainer
 
     x, y, w0 = _ws_data()
@@ -467,7 +463,7 @@ def _ws_checks(rank: int, world: int) -> dict:
         return h
 
     cfg = _ws_cfg(Path(os.environ["MEGACLASS_WS_RUNS"]) / f"ws{world}", world)
-    trainer.train(cfg, make_loader=lambda *a: Slices(), make_head=head, resume=False)
+    trainer.train(make_job(cfg), make_loader=lambda *a: Slices(), make_head=head, resume=False)
     return {"fails": []}
 
 

@@ -15,7 +15,7 @@ from megaclass.training.engine import (
     check_precision,
     map_launcher_env,
 )
-from megaclass.training.metrics import MetricsLogger
+from megaclass.training.tracking import MetricsLogger
 
 
 def test_launcher_env_mapping():
@@ -232,6 +232,7 @@ def test_train_loader_refuses_labels_from_other_centroids(tmp_path, tiny_dataset
 
     from megaclass.data.labels import LabelShaMismatchError
     from megaclass.pipelines.config import load_config
+    from megaclass.pipelines.train import make_job
     from megaclass.training.engine import DistEnv
     from megaclass.training.trainer import build_loader
 
@@ -244,11 +245,11 @@ def test_train_loader_refuses_labels_from_other_centroids(tmp_path, tiny_dataset
     env = DistEnv(0, 0, 1, torch.device("cpu"), "gloo")
     tf = lambda im: torch.zeros(3, 16, 16)  # noqa: E731
     (run / "cluster" / "centroids.sha256").write_text(tiny_dataset["sha"])
-    batch = next(iter(build_loader(cfg, env, tf)))
+    batch = next(iter(build_loader(make_job(cfg), env, tf)))
     assert batch["image"].shape == (4, 3, 16, 16) and batch["label"].shape[0] == 4
     (run / "cluster" / "centroids.sha256").write_text("0123abcd")  # re-clustered since
     with pytest.raises(LabelShaMismatchError, match="0123abcd"):
-        next(iter(build_loader(cfg, env, tf)))
+        next(iter(build_loader(make_job(cfg), env, tf)))
 
 
 def test_launched_ranks_die_with_a_killed_driver(tmp_path):

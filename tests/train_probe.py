@@ -17,10 +17,11 @@ def main() -> None:
     cfg_path, out = args[0], args[1]
     torch.set_num_threads(1)
     from megaclass.pipelines.config import load_config
+    from megaclass.pipelines.train import make_job
     from megaclass.training import trainer
 
     cfg = load_config(cfg_path, args[2:])
-    st = trainer.setup(cfg, make_loader=lambda *a, **k: None)
+    st = trainer.setup(make_job(cfg), make_loader=lambda *a, **k: None)
     assert st.resumed_from is not None, "the probe needs a checkpoint to restore"
     g = torch.Generator().manual_seed(1234)
     n = 8

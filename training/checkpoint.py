@@ -1,6 +1,6 @@
 """Training checkpoints: DeepSpeed state + per-rank head shards, a completion marker, resharding.
 
-Layout (one folder per checkpoint, DESIGN.md)::
+Layout (one folder per checkpoint, docs/architecture.md)::
 
     RUN/train/ckpt/step-0000100/
         mp_rank_00_model_states.pt, zero_pp_rank_*   DeepSpeed (backbone, its optimizer, schedule)
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from megaclass.data.atomic import atomic_path, write_json_atomic
+from megaclass.core.atomic import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 

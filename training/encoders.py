@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from megaclass.pipelines.config import ConfigError, TrainConfig
+from megaclass.core.config import ConfigError
+from megaclass.training.config import TrainConfig
 from torch import nn
 from torchvision import transforms as T
 
@@ -239,7 +240,7 @@ class StudentModel(nn.Module):
     """What DeepSpeed trains: the image encoder, plus text tower and logit scale/bias for SigLIP.
 
     The classification head of pfc/mlcd is deliberately NOT in here: it is model-parallel and
-    must stay out of DeepSpeed's broadcast and gradient averaging (REFERENCE.md).
+    must stay out of DeepSpeed's broadcast and gradient averaging (docs/training.md).
     """
 
     def __init__(self, encoder: Encoder, text: TextTower | None = None):

@@ -12,13 +12,14 @@ import json
 import logging
 import math
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from megaclass.pipelines.config import ConfigError, TrainConfig
+from megaclass.core.config import ConfigError
+from megaclass.core.net import free_port
+from megaclass.training.config import TrainConfig
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,6 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def map_launcher_env(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -69,7 +64,7 @@ def map_launcher_env(environ: dict[str, str] | None = None) -> dict[str, str]:
         if "MASTER_ADDR" not in env:
             out["MASTER_ADDR"] = "127.0.0.1"
         if "MASTER_PORT" not in env:
-            out["MASTER_PORT"] = str(_free_port())
+            out["MASTER_PORT"] = str(free_port())
     return out
 
 

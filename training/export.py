@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from megaclass.data.atomic import atomic_path, write_json_atomic, write_text_atomic
+from megaclass.core.atomic import atomic_path, write_json_atomic, write_text_atomic
+from megaclass.training.checkpoint import MARKER, latest_complete, read_marker
 from megaclass.training.encoders import (
     EncoderSpec,
     create_open_clip,
@@ -167,7 +168,6 @@ def load_encoder(path_or_run_dir: str | Path) -> tuple[nn.Module, Any]:
     for f in cand:
         if f.is_file():
             return _load_export(f)
-    from megaclass.training.checkpoint import MARKER, latest_complete, read_marker
 
     if (p / MARKER).is_file():  # a checkpoint folder itself
         return _load_checkpoint(p, read_marker(p))

@@ -17,18 +17,18 @@ The draws of the last forward are exposed as :attr:`PartialFC.last_sample`.
 
 Gradient convention: the loss returned on every rank is the mean over the *global* batch (the
 same value everywhere). The all-gather's backward sums the embedding gradient over ranks and
-hands each rank its slice, so by default (``grad_average=False``) each rank's local embeddings
-get exactly ∂L/∂x of the global-mean loss. A trainer that averages backbone gradients over the
-W ranks (DDP / DeepSpeed) must therefore back-propagate ``W·loss`` (megaclass's trainer does,
-and divides the head's gradients back by W); ``grad_average=True`` instead multiplies the
-embedding gradient by W inside the all-gather backward, for trainers that back-propagate the
-plain loss. Either way the backbone update equals the single-process one. The centres are
-never averaged: each rank's shard gets the exact gradient of the global loss (times W if the
-trainer scales the loss).
+hands each rank its slice, so with ``grad_average=False`` each rank's local embeddings get
+exactly ∂L/∂x of the global-mean loss — right for a trainer that does not average backbone
+gradients. A trainer that averages them over the W ranks (DDP / DeepSpeed) builds the head with
+``grad_average=True``: the all-gather backward then multiplies the embedding gradient by W, and
+the averaging all-reduce brings it back to ∂L/∂x. megaclass's trainer does this and
+back-propagates the plain loss (no loss scaling, no rescaling of the head's gradients). Either
+way the backbone update equals the single-process one, and the centres, which are never
+averaged, get the exact gradient of the global loss on the rank that owns them.
 
 Unsampled rows: the centres are gathered with a *sparse* gradient, so only the sampled rows
 ever carry a gradient and nothing of size C_local×D is allocated per step. The optimizer from
-:meth:`PartialFC.make_optimizer` (:class:`RowSparseOptimizer`) by default updates only those
+:meth:`PartialFC.make_optimizer` (:class:`~megaclass.training.optim.RowSparseOptimizer`) by default updates only those
 rows — weight decay, momentum and Adam moments do not touch unsampled rows (insightface's v1
 behaviour; v2 lets them drift). ``update_unsampled=True`` selects the v2 behaviour (decay and
 momentum applied to every row each step, at the cost of a full pass over the shard).
@@ -52,9 +52,10 @@ from megaclass.training.distributed import (
     rank_world,
 )
 from megaclass.training.margins import Margin, make_margin
+from megaclass.training.optim import RowSparseOptimizer
 from torch import Tensor, nn
 
-__all__ = ["PartialFC", "RowSparseOptimizer", "SampledState", "shard_range", "step_generator"]
+__all__ = ["PartialFC", "SampledState", "shard_range", "step_generator"]
 
 log = logging.getLogger(__name__)
 _MAX = torch.distributed.ReduceOp.MAX
@@ -535,136 +536,3 @@ class PartialFC(nn.Module):
                 self.group,
                 n_rows,
             )
-
-
-class RowSparseOptimizer(torch.optim.Optimizer):
-    """SGD (momentum, coupled weight decay) or AdamW for parameters with row-sparse gradients.
-
-    With ``update_unsampled=False`` (default) only rows present in the (sparse) gradient are
-    read or written: weight decay, the momentum buffer and the Adam moments of the other rows
-    stay bit-identical, and AdamW keeps a per-row step count so bias correction is right for
-    rarely sampled rows. With ``update_unsampled=True`` every row is decayed and its momentum /
-    moments advanced every step (insightface PartialFC v2 semantics). Dense gradients are
-    accepted too (every row counts as sampled).
-    """
-
-    def __init__(
-        self,
-        params,
-        algo: str = "sgd",
-        lr: float = 0.1,
-        weight_decay: float = 0.0,
-        momentum: float = 0.9,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        update_unsampled: bool = False,
-    ) -> None:
-        if algo not in ("sgd", "adamw"):
-            raise ValueError(f"head optimizer must be 'sgd' or 'adamw', got {algo!r}")
-        defaults = dict(
-            algo=algo,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            betas=betas,
-            eps=eps,
-            update_unsampled=update_unsampled,
-        )
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if g.is_sparse:
-                    rows, vals = g._indices()[0], g._values()
-                    # One forward's gradient has sorted unique rows already; accumulated
-                    # micro-batches do not, and only they pay for a coalesce.
-                    if not (g.is_coalesced() or bool((rows[1:] > rows[:-1]).all())):
-                        g = g.coalesce()
-                        rows, vals = g.indices()[0], g.values()
-                else:
-                    rows, vals = None, g.reshape(p.shape[0], -1).view_as(p)
-                if group["algo"] == "sgd":
-                    self._sgd(p, rows, vals, group)
-                else:
-                    self._adamw(p, rows, vals, group)
-        return loss
-
-    def _sgd(self, p: Tensor, rows: Tensor | None, vals: Tensor, group: dict) -> None:
-        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        st = self.state[p]
-        if mu and "momentum_buffer" not in st:
-            st["momentum_buffer"] = torch.zeros_like(p)
-        if rows is None or group["update_unsampled"]:
-            if rows is None:
-                d = vals.clone()
-            else:
-                d = torch.zeros_like(p).index_add_(0, rows, vals) if not mu else None
-            if mu:
-                buf = st["momentum_buffer"]
-                buf.mul_(mu)
-                if wd:
-                    buf.add_(p, alpha=wd)
-                if rows is None:
-                    buf.add_(d)
-                else:
-                    buf.index_add_(0, rows, vals)
-                p.add_(buf, alpha=-lr)
-            else:
-                if wd:
-                    d.add_(p, alpha=wd)
-                p.add_(d, alpha=-lr)
-            return
-        w = p.index_select(0, rows)
-        if mu:  # buf = μ·buf + g + wd·w ; w -= lr·buf   (torch.optim.SGD's update, rows only)
-            buf = st["momentum_buffer"]
-            b = buf.index_select(0, rows).mul_(mu).add_(vals)
-            if wd:
-                b.add_(w, alpha=wd)
-            buf.index_copy_(0, rows, b)
-            w.add_(b, alpha=-lr)
-        else:
-            w.mul_(1.0 - lr * wd).add_(vals, alpha=-lr)
-        p.index_copy_(0, rows, w)
-
-    def _adamw(self, p: Tensor, rows: Tensor | None, vals: Tensor, group: dict) -> None:
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        b1, b2 = group["betas"]
-        st = self.state[p]
-        if "exp_avg" not in st:
-            st["exp_avg"] = torch.zeros_like(p)
-            st["exp_avg_sq"] = torch.zeros_like(p)
-            st["row_step"] = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
-        m, v, t = st["exp_avg"], st["exp_avg_sq"], st["row_step"]
-        if rows is None or group["update_unsampled"]:
-            t.add_(1)
-            g = vals if rows is None else torch.zeros_like(p).index_add_(0, rows, vals)
-            p.mul_(1 - lr * wd)
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            self._adam_apply(p, m, v, t, lr, b1, b2, eps)
-            return
-        t_r = t.index_select(0, rows).add_(1)
-        t.index_copy_(0, rows, t_r)
-        m_r = m.index_select(0, rows).mul_(b1).add_(vals, alpha=1 - b1)
-        v_r = v.index_select(0, rows).mul_(b2).addcmul_(vals, vals, value=1 - b2)
-        m.index_copy_(0, rows, m_r)
-        v.index_copy_(0, rows, v_r)
-        w = p.index_select(0, rows).mul_(1 - lr * wd)
-        self._adam_apply(w, m_r, v_r, t_r, lr, b1, b2, eps)
-        p.index_copy_(0, rows, w)
-
-    @staticmethod
-    def _adam_apply(w, m, v, t, lr, b1, b2, eps) -> None:
-        tt = t.to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
-        bc1 = 1 - b1**tt
-        bc2 = 1 - b2**tt
-        w.sub_(lr * (m / bc1) / ((v / bc2).sqrt_().add_(eps)))

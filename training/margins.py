@@ -20,6 +20,7 @@ does today), ``cosface``, ``combined`` (m1, m2, m3), ``adaface``, ``elastic_arc`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -252,44 +253,46 @@ class ElasticFace(Margin):
         return f"scale={self.scale}, kind={self.kind}, m={self.m}, std={self.std}, plus={self.plus}"
 
 
-MARGINS = (
-    "none",
-    "arcface",
-    "arcface_detached",
-    "cosface",
-    "combined",
-    "adaface",
-    "elastic_arc",
-    "elastic_cos",
-    "elastic_arc_plus",
-    "elastic_cos_plus",
-)
+def _no_margin(**kw) -> Margin:
+    kw.pop("m", None)
+    return NoMargin(**kw)
+
+
+def _combined(**kw) -> Margin:
+    if "m" in kw:
+        kw.setdefault("m2", kw.pop("m"))
+    return CombinedMargin(**kw)
+
+
+def _elastic(kind: str, plus: bool) -> Callable[..., Margin]:
+    return lambda **kw: ElasticFace(kind=kind, plus=plus, **kw)
+
+
+MARGIN_BUILDERS: dict[str, Callable[..., Margin]] = {
+    "none": _no_margin,
+    "arcface": ArcFace,
+    "arcface_detached": lambda **kw: ArcFace(detached=True, **kw),
+    "cosface": CosFace,
+    "combined": _combined,
+    "adaface": AdaFace,
+    "elastic_arc": _elastic("arc", False),
+    "elastic_cos": _elastic("cos", False),
+    "elastic_arc_plus": _elastic("arc", True),
+    "elastic_cos_plus": _elastic("cos", True),
+}
+"""The margin registry: name -> constructor. ``train.margin`` accepts exactly these names; a new
+margin is a :class:`Margin` subclass above plus one entry here (docs/architecture.md)."""
+
+MARGINS = tuple(MARGIN_BUILDERS)
 
 
 def make_margin(name: str, **kw) -> Margin:
-    """Build a margin by name (see :data:`MARGINS`); ``kw`` go to its constructor.
+    """Build a margin by name (see :data:`MARGIN_BUILDERS`); ``kw`` go to its constructor.
 
     ``m`` is accepted by every margin with a single margin parameter; ``combined`` takes
     ``m1, m2, m3``; all take ``scale``.
     """
     key = name.lower().replace("-", "_")
-    if key == "none":
-        kw.pop("m", None)
-        return NoMargin(**kw)
-    if key == "arcface":
-        return ArcFace(**kw)
-    if key == "arcface_detached":
-        return ArcFace(detached=True, **kw)
-    if key == "cosface":
-        return CosFace(**kw)
-    if key == "combined":
-        if "m" in kw:
-            kw.setdefault("m2", kw.pop("m"))
-        return CombinedMargin(**kw)
-    if key == "adaface":
-        return AdaFace(**kw)
-    if key.startswith("elastic_"):
-        parts = key.split("_")
-        if len(parts) in (2, 3) and parts[1] in ("arc", "cos") and parts[2:] in ([], ["plus"]):
-            return ElasticFace(kind=parts[1], plus=len(parts) == 3, **kw)
-    raise ValueError(f"unknown margin {name!r}; choose one of {', '.join(MARGINS)}")
+    if key not in MARGIN_BUILDERS:
+        raise ValueError(f"unknown margin {name!r}; choose one of {', '.join(MARGINS)}")
+    return MARGIN_BUILDERS[key](**kw)

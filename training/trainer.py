@@ -34,9 +34,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megaclass.pipelines.config import ConfigError, RunConfig
-from megaclass.pipelines.rundir import RunDir
+from megaclass.core.config import ConfigError
+from megaclass.data.loader import TrainLoader
 from megaclass.training import checkpoint as ckpt
+from megaclass.training.config import TrainJob
 from megaclass.training.encoders import StudentModel, build_student
 from megaclass.training.engine import (
     DistEnv,
@@ -47,7 +48,9 @@ from megaclass.training.engine import (
     make_scheduler,
     param_groups,
 )
-from megaclass.training.metrics import MetricsLogger
+from megaclass.training.heads import PartialFC
+from megaclass.training.losses import siglip_loss
+from megaclass.training.tracking import MetricsLogger
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -64,9 +67,8 @@ class NonFiniteLossError(RuntimeError):
 class TrainState:
     """Everything the loop touches; built by :func:`setup`."""
 
-    cfg: RunConfig
+    job: TrainJob
     env: DistEnv
-    rundir: RunDir
     model: StudentModel
     engine: Any
     head: nn.Module | None
@@ -87,17 +89,17 @@ class TrainState:
 # ======================================================================================
 
 
-def train(cfg: RunConfig, **setup_kw: Any) -> dict[str, Any]:
-    """Train to ``cfg.train.steps`` optimizer steps (resuming if a checkpoint exists).
+def train(job: TrainJob, **setup_kw: Any) -> dict[str, Any]:
+    """Train to ``job.train.steps`` optimizer steps (resuming if a checkpoint exists).
 
     Returns a summary dict; ``summary["interrupted"]`` is True when a signal stopped the run
     after a checkpoint (the caller then exits 0 so that Slurm requeues it).
     """
-    st = setup(cfg, **setup_kw)
-    tc, env, engine = cfg.train, st.env, st.engine
+    st = setup(job, **setup_kw)
+    tc, env, engine = job.train, st.env, st.engine
     stop = _StopFlag()
     test_signal_step = int(os.environ.get(TEST_SIGNAL_ENV, "0") or 0)
-    metrics = MetricsLogger(st.rundir.train, enabled=env.is_main, resume_step=st.step)
+    metrics = MetricsLogger(st.job.train_dir, enabled=env.is_main, resume_step=st.step)
     global_batch = tc.micro_batch_size * tc.grad_accum * env.world_size
     data_iter = iter(st.loader)
     bad_in_row = 0
@@ -205,11 +207,9 @@ def train(cfg: RunConfig, **setup_kw: Any) -> dict[str, Any]:
 
 def forward_loss(st: TrainState, batch: dict[str, Any]) -> torch.Tensor:
     """The objective's scalar loss for one micro-batch (identical definition on every rank)."""
-    tc = st.cfg.train
+    tc = st.job.train
     images = batch["image"].to(st.env.device, st.dtype, non_blocking=True)
     if tc.objective == "siglip":
-        from megaclass.training.losses import siglip_loss
-
         tokens = st.model.text.tokenize(list(batch["caption"])).to(st.env.device)
         img, txt = st.engine(images, tokens)
         m = st.engine.module
@@ -234,7 +234,7 @@ def head_grad_prepare(st: TrainState) -> None:
     if scale != 1.0:
         for p in params:
             p.grad.mul_(1.0 / scale)
-    clip = st.cfg.train.grad_clip
+    clip = st.job.train.grad_clip
     if clip > 0 and params:
         sq = torch.zeros((), dtype=torch.float64, device=st.env.device)
         for p in params:
@@ -255,7 +255,7 @@ def head_grad_prepare(st: TrainState) -> None:
 
 
 def setup(
-    cfg: RunConfig,
+    job: TrainJob,
     make_loader: Callable[..., Any] | None = None,
     make_head: Callable[..., nn.Module] | None = None,
     resume: bool = True,
@@ -263,17 +263,16 @@ def setup(
     """Process group, model, head, DeepSpeed engine, optimizers, loader; then resume."""
     import deepspeed
 
-    tc = cfg.train
+    tc = job.train
     env = init_distributed()
-    rd = RunDir(cfg.run_dir)
-    _seed_all(cfg.seed)  # identical backbone init on every rank (DeepSpeed broadcasts anyway)
-    model = build_student(tc, cfg.data.image_size)
+    _seed_all(job.seed)  # identical backbone init on every rank (DeepSpeed broadcasts anyway)
+    model = build_student(tc, job.data.image_size)
     num_classes = 0
     head = None
     if tc.objective in ("pfc", "mlcd"):
-        num_classes = count_classes(cfg)
-        head = (make_head or build_head)(cfg, env, num_classes)
-    plan = ckpt.plan_resume(rd.ckpt, env.rank, env.world_size) if resume else None
+        num_classes = job.num_classes
+        head = (make_head or build_head)(job, env, num_classes)
+    plan = ckpt.plan_resume(job.ckpt_dir, env.rank, env.world_size) if resume else None
     ds_config = build_ds_config(tc, env.world_size, load_universal=bool(plan and plan.universal))
     check_precision(ds_config)
     opt = make_optimizer(param_groups(model, tc.weight_decay), tc, tc.lr)
@@ -295,11 +294,9 @@ def setup(
         head_opt = make_head_optimizer(head, tc)
         head_sched = make_scheduler(head_opt, tc)
     # per-rank streams for augmentation / sampling from here on
-    _seed_all(cfg.seed * 7919 + 1000 + env.rank)
-    loader = (make_loader or build_loader)(cfg, env, model.encoder.transform_train)
-    st = TrainState(
-        cfg, env, rd, model, engine, head, head_opt, head_sched, loader, num_classes, dtype
-    )
+    _seed_all(job.seed * 7919 + 1000 + env.rank)
+    loader = (make_loader or build_loader)(job, env, model.encoder.transform_train)
+    st = TrainState(job, env, model, engine, head, head_opt, head_sched, loader, num_classes, dtype)
     if plan is not None:
         restore(st, plan)
     return st
@@ -349,20 +346,20 @@ def save(st: TrainState) -> Path:
     )
     info = {
         "num_classes": st.num_classes,
-        "objective": st.cfg.train.objective,
-        "model": st.cfg.train.model,
-        "zero_stage": st.cfg.train.zero_stage,
+        "objective": st.job.train.objective,
+        "model": st.job.train.model,
+        "zero_stage": st.job.train.zero_stage,
         "encoder_spec": st.model.encoder.spec.to_dict(),
     }
     return ckpt.save_checkpoint(
-        st.rundir.ckpt,
+        st.job.ckpt_dir,
         st.step,
         st.engine,
         state,
         st.env.rank,
         st.env.world_size,
         info,
-        st.cfg.train.keep_last,
+        st.job.train.keep_last,
     )
 
 
@@ -371,35 +368,9 @@ def save(st: TrainState) -> Path:
 # ======================================================================================
 
 
-def count_classes(cfg: RunConfig) -> int:
-    """Pseudo-classes = rows of RUN/cluster/centroids.npy (or cfg.cluster.centroids), else cluster.k."""
-    for p in (cfg.cluster.centroids, str(RunDir(cfg.run_dir).cluster / "centroids.npy")):
-        if p and Path(p).is_file():
-            return int(np.load(p, mmap_mode="r", allow_pickle=False).shape[0])
-    return int(cfg.cluster.k)
-
-
-def expected_centroid_sha(cfg: RunConfig) -> str | None:
-    """The sha that every label sidecar must carry (None when labels are brought by the user)."""
-    if cfg.assign.labels_dir:
-        return None
-    rd = RunDir(cfg.run_dir)
-    f = rd.cluster / "centroids.sha256"
-    if f.is_file():
-        return f.read_text().strip()
-    npy = rd.cluster / "centroids.npy"
-    if npy.is_file():
-        from megaclass.data.labels import file_sha256
-
-        return file_sha256(npy)
-    return None
-
-
-def build_head(cfg: RunConfig, env: DistEnv, num_classes: int) -> nn.Module:
+def build_head(job: TrainJob, env: DistEnv, num_classes: int) -> nn.Module:
     """PartialFC over this rank's slice of the classes (pfc: one label, mlcd: top-l labels)."""
-    from megaclass.training.heads import PartialFC
-
-    tc = cfg.train
+    tc = job.train
     return PartialFC(
         num_classes,
         tc.embed_dim,
@@ -410,7 +381,7 @@ def build_head(cfg: RunConfig, env: DistEnv, num_classes: int) -> nn.Module:
         scale=tc.scale,
         num_subcenters=tc.num_subcenters,
         multi_label=tc.objective == "mlcd",
-        seed=cfg.seed,
+        seed=job.seed,
         grad_average=True,  # embedding grads × W: the engine's averaging then gives the true gradient
     )
 
@@ -438,41 +409,39 @@ def make_head_optimizer(head: nn.Module, tc: Any) -> torch.optim.Optimizer:
     return make_optimizer(param_groups(head, tc.weight_decay), tc, lr)
 
 
-def build_loader(cfg: RunConfig, env: DistEnv, transform: Callable) -> Any:
+def build_loader(job: TrainJob, env: DistEnv, transform: Callable) -> Any:
     """The streaming shard loader with label sidecars joined by key (megaclass.data.loader).
 
     ``drop_last``: the model-parallel head needs the same batch size on every rank. Ranks may
     see different numbers of batches per epoch; that is fine — the trainer counts optimizer
     steps, and each rank simply starts its next epoch when its share runs out.
     """
-    from megaclass.data.loader import TrainLoader
-
-    tc = cfg.train
-    if not cfg.data.shards:
+    tc = job.train
+    if not job.data.shards:
         raise ConfigError("data.shards: empty; the train stage needs training shards")
     labels_dir = None
     if tc.objective != "siglip":  # SigLIP trains on captions, no labels needed
-        labels_dir = cfg.assign.labels_dir or str(RunDir(cfg.run_dir).labels)
-        if not Path(labels_dir).is_dir():
+        labels_dir = str(job.labels_dir)
+        if job.labels_dir is None or not job.labels_dir.is_dir():
             raise ConfigError(
                 f"train.objective={tc.objective!r} needs label sidecars, but {labels_dir} does "
                 "not exist: run `megaclass assign` first (or set assign.labels_dir)"
             )
     return TrainLoader(
-        cfg.data.shards,
+        job.data.shards,
         tc.micro_batch_size,
         rank=env.rank,
         world_size=env.world_size,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.seed,
+        num_workers=job.data.num_workers,
+        seed=job.seed,
         transform=transform,
         labels_dir=labels_dir,
-        centroid_sha=expected_centroid_sha(cfg) if labels_dir else None,
+        centroid_sha=job.centroid_sha if labels_dir else None,
         num_labels=tc.num_positive_labels if tc.objective == "mlcd" else None,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        resampled=cfg.data.resampled,
+        shuffle_buffer=job.data.shuffle_buffer,
+        resampled=job.data.resampled,
         drop_last=True,
-        max_pixels=cfg.data.max_image_pixels,
+        max_pixels=job.data.max_image_pixels,
     )
 
 

@@ -1,7 +1,8 @@
-"""The run directory contract (DESIGN.md): one folder per stage under one root.
+"""The run directory contract: one folder per stage under one root (docs/architecture.md).
 
 A stage reads only the previous stage's folder and writes only its own; a per-shard
-``_done`` record, written last and atomically, is what marks a shard complete.
+``_done`` record, written last and atomically, is what marks a shard complete, and the stage's
+``_SUCCESS.json`` (written last of all, see :meth:`RunDir.finish_stage`) marks the stage complete.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from megaclass.data.atomic import write_json_atomic, write_text_atomic
-from megaclass.pipelines.config import RunConfig, config_to_dict, dump_config
+from megaclass.core.atomic import write_json_atomic, write_text_atomic
+from megaclass.core.config import config_to_dict, dump_config
+from megaclass.core.stages import MARKED, SUCCESS, stage
 
-STAGES = ("embed", "cluster", "assign", "train", "eval")
+STAGES = MARKED  # the stages with a success marker, in pipeline order
 
 # Config sections that say where/how a run executes, not what it computes.
 _NOT_COMPARED = ("run_dir", "slurm", "ray")
@@ -70,7 +72,7 @@ class RunDir:
         return self.root / "config.yaml"
 
     # --- config ------------------------------------------------------------------------
-    def write_config(self, cfg: RunConfig, force: bool = False) -> None:
+    def write_config(self, cfg: Any, force: bool = False) -> None:
         """Write RUN/config.yaml once; a different config on resume is refused unless forced.
 
         ``run_dir`` itself is not compared (the same run may be reached by another path), nor
@@ -92,6 +94,41 @@ class RunDir:
                 )
             return
         write_text_atomic(self.config_path, dump_config(cfg))
+
+    # --- stage markers --------------------------------------------------------------------
+    def folder(self, name: str) -> Path:
+        """The first folder of stage ``name`` (the one holding its success marker)."""
+        return self.root / stage(name).folders[0]
+
+    def success_path(self, name: str) -> Path:
+        """``<stage folder>/_SUCCESS.json``: present only once stage ``name`` is complete."""
+        return self.folder(name) / SUCCESS
+
+    def read_success(self, name: str) -> dict[str, Any] | None:
+        """The summary stage ``name`` wrote when it completed; None while it is not complete."""
+        p = self.success_path(name)
+        if not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return None  # a torn marker counts as not complete
+
+    def begin_stage(self, cfg: Any, name: str, force: bool = False) -> dict[str, Any] | None:
+        """Open stage ``name``: guard config.yaml, then return its summary if it is already
+        complete (and not forced); otherwise remove the marker (a re-run is incomplete until it
+        ends), create the folder and return None."""
+        self.write_config(cfg, force)
+        done = self.read_success(name)
+        if done is not None and not force:
+            return done
+        self.success_path(name).unlink(missing_ok=True)
+        self.folder(name).mkdir(parents=True, exist_ok=True)
+        return None
+
+    def finish_stage(self, name: str, summary: dict[str, Any]) -> None:
+        """Mark stage ``name`` complete: its summary goes to the marker, written atomically last."""
+        write_json_atomic(self.success_path(name), summary)
 
     # --- per-shard done records ----------------------------------------------------------
     @staticmethod

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from megaclass.data.atomic import write_text_atomic
+from megaclass.core.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,129 @@
+"""The train section of the run config (``train.*``) and what a training job is handed.
+
+Owned by the training package, beside the trainer. The margin names come from the margin
+registry (``training/margins.py``); the other lists of choices are owned here and used by the
+code that dispatches on them. ``TrainJob`` is the trainer's whole input: the train stage
+(``pipelines/train.py``) resolves the run directory, bring-your-own inputs and the class
+count, so the trainer never looks at other stages' folders (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from megaclass.data.config import DataConfig
+from megaclass.training.margins import MARGINS
+
+OBJECTIVES = ("pfc", "mlcd", "siglip")
+"""Training objectives: partial-FC margin softmax, MLCD multi-label, SigLIP image-text."""
+OPTIMIZERS = ("adamw", "sgd")
+"""Backbone (and head) optimizers built by training/engine.py."""
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""Training precisions (fp16 is refused on CPU by engine.check_precision)."""
+LAUNCHERS = ("torchrun", "deepspeed")
+"""How `megaclass run` starts several local ranks."""
+
+
+@dataclass
+class TrainConfig:
+    """Student training on pseudo-labels with DeepSpeed (the train stage)."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "objective": OBJECTIVES,
+        "margin": MARGINS,
+        "optimizer": OPTIMIZERS,
+        "precision": PRECISIONS,
+        "launcher": LAUNCHERS,
+    }
+
+    objective: str = "pfc"
+    """'pfc' (partial-FC margin softmax), 'mlcd' (multi-label) or 'siglip' (image-text)."""
+    model: str = "efficientnet-lite0"
+    """Backbone: 'efficientnet-lite0' or 'open_clip:<model name>' (its vision tower)."""
+    pretrained: str | None = None
+    """open_clip backbones: pretrained tag or local file; efficientnet-lite0 loads its shipped weights when set to 'shipped'."""
+    embed_dim: int = 256
+    """Size of the projected embedding the head sees."""
+    margin: str = "arcface"
+    """Margin: 'arcface', 'arcface_detached', 'cosface', 'combined', 'adaface', 'elastic_arc', 'elastic_cos', 'none'."""
+    margin_m: float = 0.3
+    """Margin m (ArcFace angle / CosFace cosine offset)."""
+    scale: float = 32.0
+    """Logit scale s."""
+    sample_rate: float = 0.1
+    """Class sampling rate r of partial FC: each rank scores int(r x its classes) per step in
+    total, the batch's positive classes first and random negatives for the rest (1.0 = all
+    classes). The same budget for pfc and mlcd: for MLCD it is not a negative ratio."""
+    feature_rate: float = 1.0
+    """Feature-dimension sampling rate f (Unicom's dual random selection; 1.0 = all dims)."""
+    num_subcenters: int = 1
+    """Sub-centres per class in the head (sub-center ArcFace uses 3)."""
+    head_update_unsampled: bool = False
+    """Head optimizer also decays/advances momentum of unsampled class rows (Partial FC v2); False = only sampled rows change (v1)."""
+    num_positive_labels: int = 8
+    """MLCD: positive labels per sample (top-l of the assignment)."""
+    steps: int = 100
+    """Optimizer steps to train."""
+    micro_batch_size: int = 32
+    """Samples per rank per forward pass."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    lr: float = 1e-3
+    """Peak learning rate of the backbone."""
+    head_lr_mult: float = 1.0
+    """Head learning rate = lr x this."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (backbone and head)."""
+    optimizer: str = "adamw"
+    """'adamw' or 'sgd'."""
+    warmup_steps: int = 10
+    """Linear warm-up steps before the cosine decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping of the backbone (0 disables)."""
+    precision: str = "fp32"
+    """'fp32', 'bf16' or 'fp16'."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0, 1 or 2."""
+    ds_config: str | None = None
+    """A DeepSpeed JSON config file merged over the generated one."""
+    ckpt_every: int = 50
+    """Checkpoint every N steps (and on SIGUSR1/SIGTERM)."""
+    keep_last: int = 2
+    """Complete checkpoints kept."""
+    log_every: int = 10
+    """Metrics every N steps."""
+    max_bad_steps: int = 5
+    """Stop with an error after this many consecutive non-finite losses."""
+    freeze_backbone: bool = False
+    """Train only the projection and head."""
+    nproc: int = 1
+    """Ranks that `megaclass run` launches the trainer with (deepspeed/torchrun launch it themselves)."""
+    launcher: str = "torchrun"
+    """How `megaclass run` starts nproc > 1 ranks on this machine: 'torchrun' (torch.distributed.run) or 'deepspeed' (the deepspeed launcher)."""
+
+
+@dataclass
+class TrainJob:
+    """Everything one training run needs, resolved by the train stage before the ranks start."""
+
+    train: TrainConfig
+    """The train section."""
+    data: DataConfig
+    """The data section (shards, decoding, loader workers)."""
+    seed: int
+    """The run's global seed."""
+    train_dir: Path
+    """RUN/train: metrics.jsonl, TensorBoard events and ckpt/ go here."""
+    num_classes: int = 0
+    """Pseudo-classes of the head (rows of the centroids); 0 for SigLIP."""
+    labels_dir: Path | None = None
+    """Folder of <shard stem>.parquet label sidecars (None for SigLIP)."""
+    centroid_sha: str | None = None
+    """sha256 of the centroids the labels must come from (None: not checked)."""
+
+    @property
+    def ckpt_dir(self) -> Path:
+        """RUN/train/ckpt: one step-NNNNNNN folder per checkpoint."""
+        return self.train_dir / "ckpt"
