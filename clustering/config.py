@@ -88,3 +88,11 @@ class AssignConfig:
     """Method 'hnsw': efSearch (candidate list size at query time)."""
     num_cpus_per_actor: float = 1.0
     """CPUs reserved per assignment actor."""
+    key_shard_digits: int | None = None
+    """Regroup stage: digits of the shard number at the start of img2dataset keys
+    ('000120034' = shard 00012, sample 0034 -> 5). None: the width of the training shard names."""
+    num_gpus_per_actor: float = 0.0
+    """GPUs per assignment actor; > 0 runs the exact search on CUDA (method 'exact' only)."""
+    bf16: bool = False
+    """Exact search on CUDA with bfloat16 scores (about twice the rate; near-ties may order
+    differently from float32). Needs num_gpus_per_actor > 0."""

@@ -123,27 +123,54 @@ def _run_batch(
     niter: int,
     seed: int,
     sizes: bool = False,
+    rows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    cs, sizes = [], []
+    """Sub-cluster ``groups``. Group g's points are ``xs[offsets[g]:offsets[g+1]]`` or, with
+    ``rows`` (the points' row numbers sorted by group), ``xs[rows[offsets[g]:offsets[g+1]]]``:
+    gathered one group at a time, so no sorted copy of the whole sample is ever made."""
+    cs, sizes_out = [], []
     for g in groups:
         if alloc[g] == 0:
             continue
-        c, h = _cluster_group(
-            xs[offsets[g] : offsets[g + 1]], int(alloc[g]), niter, seed * 1_000_003 + g, sizes
-        )
+        lo, hi = offsets[g], offsets[g + 1]
+        xg = xs[lo:hi] if rows is None else xs[rows[lo:hi]]
+        c, h = _cluster_group(xg, int(alloc[g]), niter, seed * 1_000_003 + g, sizes)
         cs.append(c)
-        sizes.append(h)
+        sizes_out.append(h)
     d = xs.shape[1]
     if not cs:
         return np.zeros((0, d), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(cs), np.concatenate(sizes)
+    return np.concatenate(cs), np.concatenate(sizes_out)
 
 
-def _ray_batch(xs, offsets, alloc, groups, niter, seed, sizes):  # noqa: ANN001, ANN202 (Ray task)
+def _ray_batch(xb, offsets, alloc, groups, niter, seed, sizes):  # noqa: ANN001, ANN202 (Ray task)
+    """One batch of groups in a Ray task; ``xb`` holds just this batch's points, sorted by group,
+    and ``offsets`` are relative to it."""
     import faiss
 
     faiss.omp_set_num_threads(1)
-    return _run_batch(xs, offsets, alloc, groups, niter, seed, sizes)
+    return _run_batch(xb, offsets, alloc, groups, niter, seed, sizes)
+
+
+def _batch_points(
+    x: np.ndarray, rows: np.ndarray, offsets: np.ndarray, groups: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The points of a batch of consecutive groups, sorted by group, and offsets relative to them."""
+    lo, hi = int(offsets[groups[0]]), int(offsets[groups[-1] + 1])
+    rel = offsets - lo
+    return x[rows[lo:hi]], rel
+
+
+def hierarchical_peak_bytes(n: int, d: int, coarse_k: int, params: KMeansParams) -> int:
+    """Memory the hierarchical backend needs beyond the sample itself (n x d float32), in bytes:
+    the group order (8n), the labels and scores of the group assignment (8n), and the points of
+    the groups in flight — one group per thread, or the batches in flight on Ray (each batch is
+    copied once into the object store and freed when its task ends)."""
+    group = 2 * (n // max(1, coarse_k) + 1) * d * 4  # a large group, gathered
+    inflight = max(1, params.num_workers) * (
+        params.group_batch if params.hier_parallel == "ray" else 1
+    )
+    return 16 * n + min(n * d * 4, inflight * group)
 
 
 def _save_batch(path: Path, c: np.ndarray, h: np.ndarray) -> None:
@@ -199,13 +226,14 @@ def train_hierarchical(
     coarse = coarse_res.centroids
     t1 = time.perf_counter()
 
-    # Every point to its group; groups as contiguous slices of a sorted copy.
+    # Every point to its group. The groups are index ranges of ``order`` (row numbers sorted by
+    # group), gathered one group or batch at a time: no sorted copy of the sample is made, so
+    # the peak stays about one sample (docs/architecture.md, "Memory").
     _, lab = faiss_flat_search(coarse, x)
     order = np.argsort(lab, kind="stable")
     pop = np.bincount(lab, minlength=coarse_k)
     offsets = np.concatenate([[0], np.cumsum(pop)])
-    xs = x[order]
-    del order, lab
+    del lab
     alloc = allocate(pop, k)
     t2 = time.perf_counter()
 
@@ -241,15 +269,21 @@ def train_hierarchical(
             ray.init(include_dashboard=False, log_to_driver=False)
         shutdown_pool()  # cached Lloyd workers would hold the CPUs these tasks need
         task = ray.remote(num_cpus=1)(_ray_batch)
-        xref, oref, aref = ray.put(xs), ray.put(offsets), ray.put(alloc)
-        pending = {
-            task.remote(xref, oref, aref, batches[b], sub_niter, params.seed, gs): b for b in todo
-        }
-        while pending:
+        aref = ray.put(alloc)
+        # at most two batches per CPU in flight: each batch's points are copied once into the
+        # object store and freed when its task returns, so the store never holds the sample
+        limit = 2 * max(1, int(ray.available_resources().get("CPU", params.num_workers)))
+        queue, pending = list(todo), {}
+        while queue or pending:
+            while queue and len(pending) < limit:
+                b = queue.pop(0)
+                xb, rel = _batch_points(x, order, offsets, batches[b])
+                ref = task.remote(xb, rel, aref, batches[b], sub_niter, params.seed, gs)
+                pending[ref] = b
+                del xb
             ready, _ = ray.wait(list(pending), num_returns=1)
             for r in ready:
                 done(pending.pop(r), ray.get(r))
-        del xref
     else:
         import faiss
 
@@ -260,7 +294,7 @@ def train_hierarchical(
             with ThreadPoolExecutor(workers) as pool:
                 futs = {
                     pool.submit(
-                        _run_batch, xs, offsets, alloc, batches[b], sub_niter, params.seed, gs
+                        _run_batch, x, offsets, alloc, batches[b], sub_niter, params.seed, gs, order
                     ): b
                     for b in todo
                 }
@@ -288,7 +322,7 @@ def train_hierarchical(
     if params.group_sizes:
         extra["two_level_sizes"] = sizes
         extra["empty_after_two_levels"] = int((sizes == 0).sum())
-    del xs
+    del order
     # Optional flat refinement (each iteration is a full n×k pass: expensive at k = 10^6 on CPU).
     if params.refine_niter > 0:
         ref = run_iterations(

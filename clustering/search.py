@@ -17,7 +17,8 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from megaclass.clustering.lloyd import chunked_topk
+import torch
+from megaclass.clustering.lloyd import chunked_topk, topk_torch
 
 log = logging.getLogger(__name__)
 METHODS = ("exact", "hnsw", "tree")
@@ -135,7 +136,11 @@ class CentroidSearcher:
         tree: Tree | None = None,
         nprobe: int = 8,
         seed: int = 0,
+        device: str = "cpu",
+        bf16: bool = False,
     ) -> None:
+        """``device`` 'cuda' runs the exact search on the GPU (centroids kept there); ``bf16``
+        computes its scores in bfloat16 there (near-ties may then order differently)."""
         if method not in METHODS:
             raise ValueError(f"assign method {method!r} is not one of {', '.join(METHODS)}")
         self.c = np.ascontiguousarray(centroids, dtype=np.float32)
@@ -157,11 +162,20 @@ class CentroidSearcher:
             self.index = index
         elif method == "tree":
             self.tree = tree if tree is not None else build_tree(self.c, seed=seed)
+        self.device = device
+        self.ct = None
+        if method == "exact" and device != "cpu":
+            self.ct = torch.from_numpy(self.c).to(device)
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
 
     def search(self, x: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray]:
         """``(labels int64 (n, topk), scores float32 (n, topk))``, best first."""
         if topk > len(self.c):
             raise ValueError(f"topk={topk} exceeds the number of centroids {len(self.c)}")
+        if self.method == "exact" and self.ct is not None:
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+            lab, sc = topk_torch(xt, self.ct, topk, self.chunk_size, dtype=self.dtype)
+            return lab.cpu().numpy(), sc.cpu().numpy()
         if self.method == "exact":
             return chunked_topk(x, self.c, topk, self.chunk_size)
         if self.method == "tree":

@@ -62,6 +62,12 @@ STAGES: dict[str, Stage] = {
             help="top-k pseudo-labels for every sample (Ray Data)",
         ),
         Stage(
+            "regroup",
+            "megaclass.pipelines.regroup:run_regroup",
+            ("shard_labels",),
+            help="label sidecars per training shard, by key (labels assigned on other files)",
+        ),
+        Stage(
             "train",
             "megaclass.pipelines.train:run_train",
             ("train", "export"),

@@ -130,7 +130,8 @@ def check_label_sha(path: str | os.PathLike, expected_sha: str | None) -> str | 
     return found
 
 
-def _fixed(col: pa.ChunkedArray, n: int, dtype: np.dtype, path: str, name: str) -> np.ndarray:
+def fixed_width(col: pa.ChunkedArray, n: int, dtype: np.dtype, path: str, name: str) -> np.ndarray:
+    """A list column whose rows all have the same length k as an (n, k) array (names the file)."""
     arr = col.combine_chunks()
     if arr.null_count:
         raise LabelFileError(f"{path}: column {name!r} has null rows")
@@ -154,8 +155,8 @@ def read_labels(path: str | os.PathLike, expected_sha: str | None = None) -> Lab
         raise LabelFileError(f"{path}: missing column(s) {sorted(missing)}")
     n = table.num_rows
     keys = table.column("key").to_pylist()
-    labels = _fixed(table.column("labels"), n, np.int64, path, "labels")
-    scores = _fixed(table.column("scores"), n, np.float32, path, "scores")
+    labels = fixed_width(table.column("labels"), n, np.int64, path, "labels")
+    scores = fixed_width(table.column("scores"), n, np.float32, path, "scores")
     if labels.shape != scores.shape:
         raise LabelFileError(f"{path}: labels {labels.shape} vs scores {scores.shape}")
     return LabelTable(keys=keys, labels=labels, scores=scores, centroid_sha=found)

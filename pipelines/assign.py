@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from megaclass.clustering.fault import maybe_die
 from megaclass.clustering.search import CentroidSearcher, Tree
 from megaclass.clustering.stats import size_stats
+from megaclass.core.memory import MemoryPlan
 from megaclass.core.rundir import RunDir
 from megaclass.data.embeddings import fuse, list_stems, metadata_path, open_array, read_keys
 from megaclass.data.labels import file_sha256, label_path, write_labels
@@ -80,6 +81,8 @@ class AssignActor:
             tree=tree,
             nprobe=a.nprobe,
             seed=cfg.cluster.seed,
+            device="cuda" if a.num_gpus_per_actor > 0 else "cpu",
+            bf16=a.bf16,
         )
         self.cfg, self.sha, self.embed_dir = cfg, sha, Path(embed_dir)
         self.out = RunDir(cfg.run_dir).labels
@@ -150,6 +153,18 @@ def summarise(out: Path, stems: list[str], k: int, threshold: float) -> dict[str
     }
 
 
+def memory_plan(cfg: RunConfig, k: int, d: int) -> MemoryPlan:
+    """What the assign actors on this node hold: each its copy of the centroids (read, then as
+    float32) and its search index, plus one batch of rows and the labels of one stem."""
+    a = cfg.assign
+    plan = MemoryPlan("assign", keys=["assign.concurrency", "assign.method", "assign.batch_size"])
+    plan.add(f"centroids {k:,} x {d} per actor x {a.concurrency}", a.concurrency * 8 * k * d)
+    if a.method == "hnsw":
+        plan.add("HNSW graphs", a.concurrency * k * (4 * d + 8 * a.hnsw_m))
+    plan.add("row batches", a.concurrency * 4 * a.batch_size * d)
+    return plan
+
+
 def run_assign(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     rd = RunDir(cfg.run_dir)
     rd.write_config(cfg, force)
@@ -163,7 +178,9 @@ def run_assign(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     sha_file = rd.cluster / "centroids.sha256"
     if sha_file.exists() and sha_file.read_text().strip() != sha:
         raise ValueError(f"{cpath}: sha256 {sha} differs from {sha_file}; the file changed")
-    k = int(np.load(cpath, mmap_mode="r").shape[0])
+    cshape = np.load(cpath, mmap_mode="r").shape
+    k = int(cshape[0])
+    memory_plan(cfg, k, int(cshape[1])).check(cfg.memory_check)
     if a.topk > k:
         raise ValueError(f"assign.topk = {a.topk} exceeds the number of centroids {k}")
     embed_dir = embeddings_dir_of(cfg)
@@ -196,6 +213,7 @@ def run_assign(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=a.concurrency),
             num_cpus=a.num_cpus_per_actor,
+            num_gpus=a.num_gpus_per_actor,
             fn_constructor_kwargs={
                 "cfg": cfg,
                 "centroid_path": str(cpath),

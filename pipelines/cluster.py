@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 from megaclass.clustering.backends import KMeansParams, train_kmeans
+from megaclass.clustering.hierarchical import hierarchical_peak_bytes
 from megaclass.clustering.lloyd import chunked_topk
 from megaclass.clustering.sampling import load_sample
 from megaclass.clustering.search import Tree, tree_topk
 from megaclass.clustering.stats import plot_objective, plot_sizes, quality, size_stats
 from megaclass.core.atomic import atomic_path, write_json_atomic, write_text_atomic
+from megaclass.core.memory import MemoryPlan
 from megaclass.core.rundir import RunDir
 from megaclass.data.embeddings import validate_embeddings_dir
 from megaclass.data.labels import file_sha256
@@ -68,6 +70,41 @@ def _load_byo_centroids(path: str, k: int) -> np.ndarray:
     return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-30)
 
 
+def _feature_width(info: dict[str, Any], feature: str) -> int:
+    di, dt = info.get("d_img"), info.get("d_txt")
+    if feature == "image" or dt is None:
+        return int(di or dt)
+    if feature == "text" or di is None:
+        return int(dt)
+    return int(di) if di == dt else int(di + dt)
+
+
+def memory_plan(cfg: RunConfig, n: int, d: int) -> MemoryPlan:
+    """What the cluster stage will hold: the sample (n x d float32, allocated once), its keys,
+    the centroids, and what the backend adds (see each backend's docstring)."""
+    c = cfg.cluster
+    plan = MemoryPlan(
+        "cluster", keys=["cluster.sample_size", "cluster.points_per_centroid", "cluster.k"]
+    )
+    plan.add(f"sample {n:,} x {d} float32", 4 * n * d)
+    plan.add("sample keys and row lists", 100 * n)
+    plan.add(f"centroids {c.k:,} x {d} (two copies)", 8 * c.k * d)
+    if c.backend == "hierarchical":
+        coarse_k = min(c.coarse_k or max(1, round(c.k**0.5)), c.k)
+        plan.add(
+            "hierarchical groups in flight", hierarchical_peak_bytes(n, d, coarse_k, _params(cfg))
+        )
+        plan.keys += ["cluster.hier_parallel", "cluster.group_batch", "cluster.num_workers"]
+    elif c.backend == "distributed":
+        plan.add("Ray object-store copy of the sample", 4 * n * d)
+        plan.add("score blocks", 4 * c.chunk_size * c.k)
+        plan.keys += ["cluster.chunk_size"]
+    else:
+        plan.add("score blocks", 4 * min(n, c.chunk_size) * c.k)
+        plan.keys += ["cluster.chunk_size"]
+    return plan
+
+
 def run_cluster(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     rd = RunDir(cfg.run_dir)
     done = rd.begin_stage(cfg, "cluster", force)
@@ -80,6 +117,9 @@ def run_cluster(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     embed_dir = embeddings_dir_of(cfg)
     info = validate_embeddings_dir(embed_dir)
     target = c.sample_size if c.sample_size is not None else c.k * c.points_per_centroid
+    memory_plan(cfg, min(target, info["rows"]), _feature_width(info, c.feature)).check(
+        cfg.memory_check
+    )
     sample = load_sample(embed_dir, info["stems"], c.feature, target, c.seed)
     x = sample.x
     if len(x) < c.k:

@@ -23,6 +23,7 @@ from megaclass.core.config import (
     parse_overrides,
 )
 from megaclass.core.config import config_help as _config_help
+from megaclass.core.rundir import RunDir
 from megaclass.data.config import DataConfig
 from megaclass.training.config import TrainConfig
 
@@ -172,6 +173,9 @@ class RunConfig:
     """Run directory; every stage writes under it (docs/architecture.md, "The run directory")."""
     seed: int = 0
     """Global seed."""
+    memory_check: bool = True
+    """Before a stage allocates its big arrays it logs its memory estimate and refuses to start
+    when that exceeds the memory available on the node; false starts anyway."""
     data: DataConfig = field(default_factory=DataConfig)
     """Input shards and decoding."""
     ray: RayConfig = field(default_factory=RayConfig)
@@ -192,7 +196,47 @@ class RunConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config (or the defaults when ``path`` is None) and apply dotted overrides."""
-    return load_tree(RunConfig, path, overrides)
+    cfg = load_tree(RunConfig, path, overrides)
+    check_no_dead_options(cfg)
+    return cfg
+
+
+def check_no_dead_options(cfg: RunConfig) -> None:
+    """An option set away from its default that the chosen backend or method ignores is an
+    error naming it: a user who asks for bf16 distances or a tree search must get them, or
+    hear why not (a silently ignored setting costs a whole run to notice)."""
+    c, a = cfg.cluster, cfg.assign
+    dead: list[str] = []
+    if c.bf16 and c.backend != "distributed":
+        dead.append(
+            f"cluster.bf16: only the 'distributed' backend computes distances in bfloat16 "
+            f"(cluster.backend={c.backend!r} runs in float32); remove it"
+        )
+    if c.backend != "hierarchical":
+        for key, value, default in (
+            ("coarse_k", c.coarse_k, None),
+            ("refine_niter", c.refine_niter, 0),
+            ("hier_parallel", c.hier_parallel, "threads"),
+        ):
+            if value != default:
+                dead.append(
+                    f"cluster.{key}: only used by the hierarchical backend "
+                    f"(cluster.backend={c.backend!r}); remove it"
+                )
+    if a.num_gpus_per_actor > 0 and a.method != "exact":
+        dead.append(
+            f"assign.num_gpus_per_actor: only the exact method runs on GPUs (method={a.method!r})"
+        )
+    if a.bf16 and not (a.num_gpus_per_actor > 0 and a.method == "exact"):
+        dead.append("assign.bf16: needs assign.method=exact and assign.num_gpus_per_actor > 0")
+    if a.method != "tree" and a.nprobe != AssignConfig.nprobe:
+        dead.append(f"assign.nprobe: only used by assign.method=tree (method={a.method!r})")
+    if a.method != "hnsw":
+        for key in ("hnsw_m", "ef_search"):
+            if getattr(a, key) != getattr(AssignConfig, key):
+                dead.append(f"assign.{key}: only used by assign.method=hnsw (method={a.method!r})")
+    if dead:
+        raise ConfigError("; ".join(dead))
 
 
 def config_help() -> str:
@@ -209,11 +253,16 @@ def embeddings_dir_of(cfg: RunConfig) -> Path:
     """Where cluster and assign read embeddings: ``embed.embeddings_dir`` if set, else RUN/embed."""
     if cfg.embed.embeddings_dir:
         return Path(cfg.embed.embeddings_dir).expanduser()
-    return Path(cfg.run_dir) / "embed"
+    return RunDir(cfg.run_dir).embed
 
 
 def labels_dir_of(cfg: RunConfig) -> Path:
-    """Where training reads label sidecars: ``assign.labels_dir`` if set, else RUN/labels."""
+    """Where training reads label sidecars: RUN/shard_labels when the regroup stage rebuilt them
+    per training shard, else ``assign.labels_dir`` if set, else RUN/labels."""
+    rd = RunDir(cfg.run_dir)
+    regroup = rd.read_success("regroup")
+    if regroup and regroup.get("regrouped"):
+        return rd.folder("regroup")
     if cfg.assign.labels_dir:
         return Path(cfg.assign.labels_dir).expanduser()
-    return Path(cfg.run_dir) / "labels"
+    return rd.labels

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 from megaclass.core.rundir import ConfigChangedError, RunDir
@@ -73,3 +75,33 @@ def test_run_dir_ignores_where_it_runs(tmp_path):
     rd.write_config(load_config(None, ["slurm.time=02:00:00", "ray.address=auto"]))  # no error
     with pytest.raises(ConfigChangedError):
         rd.write_config(load_config(None, ["train.steps=7"]))
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["cluster.bf16=true"], "cluster.bf16"),
+        (["cluster.backend=hierarchical", "cluster.bf16=true"], "cluster.bf16"),
+        (["cluster.coarse_k=10"], "cluster.coarse_k"),
+        (["cluster.refine_niter=2"], "cluster.refine_niter"),
+        (["cluster.hier_parallel=ray"], "cluster.hier_parallel"),
+        (["assign.nprobe=16"], "assign.nprobe"),
+        (["assign.ef_search=64"], "assign.ef_search"),
+        (["assign.method=tree", "assign.num_gpus_per_actor=1"], "assign.num_gpus_per_actor"),
+        (["assign.bf16=true"], "assign.bf16"),
+    ],
+)
+def test_an_option_the_chosen_backend_ignores_is_an_error(overrides, key) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_options_used_by_the_chosen_backend_are_accepted() -> None:
+    load_config(None, ["cluster.backend=distributed", "cluster.bf16=true"])
+    load_config(
+        None, ["cluster.backend=hierarchical", "cluster.coarse_k=10", "cluster.hier_parallel=ray"]
+    )
+    load_config(None, ["assign.method=tree", "assign.nprobe=16"])
+    load_config(None, ["assign.num_gpus_per_actor=1", "assign.bf16=true"])
+    for name in ("demo", "laion400m-vitb32", "laion400m-vitl14-mlcd"):
+        load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")

@@ -213,3 +213,22 @@ def test_stats() -> None:
     assert q["rows"] == 4 and q["nmi"] == pytest.approx(1.0) and q["ami"] == pytest.approx(1.0)
     q2 = quality(["a", "b", "a", "b"], np.array([0, 0, 1, 1]))
     assert q2["nmi"] < 0.01 and q2["homogeneity"] < 0.01
+
+
+def test_hierarchical_makes_no_sorted_copy_of_the_sample() -> None:
+    """Peak memory of the hierarchical backend beyond the sample stays well under one more
+    sample (it used to sort a full copy of it): numpy's allocations are traced by tracemalloc."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120_000, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    p = KMeansParams(k=400, niter=2, backend="hierarchical", hier_parallel="threads", seed=0)
+    tracemalloc.start()
+    try:
+        res = train_kmeans(x, p)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert res.centroids.shape == (400, 64)
+    assert peak < 0.5 * x.nbytes, f"peak {peak / 1e6:.1f} MB for a {x.nbytes / 1e6:.1f} MB sample"

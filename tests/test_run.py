@@ -47,7 +47,7 @@ def test_plan_skips_complete_stages_and_bring_your_own_inputs(tmp_path):
     assert p["cluster"].action == "run" and "cluster.centroids" in p["cluster"].reason
     byo = load_config(None, [f"run_dir={tmp_path / 'other'}", "assign.labels_dir=/x/labels"])
     assert _actions(byo) == {**dict.fromkeys(("embed", "cluster", "assign"), "skip"),
-                             **dict.fromkeys(("train", "eval", "report"), "run")}  # fmt: skip
+                             **dict.fromkeys(("regroup", "train", "eval", "report"), "run")}  # fmt: skip
     assert list(_actions(cfg, ["eval", "train"])) == ["train", "eval"]  # always pipeline order
     with pytest.raises(ConfigError, match="bogus"):
         plan(cfg, ["train", "bogus"])
