@@ -25,7 +25,7 @@ from megaclass.core.config import (
 from megaclass.core.config import config_help as _config_help
 from megaclass.core.rundir import RunDir
 from megaclass.data.config import DataConfig
-from megaclass.training.config import TrainConfig
+from megaclass.training.config import TrainConfig, margin_option_errors
 
 __all__ = [
     "AssignConfig",
@@ -235,6 +235,7 @@ def check_no_dead_options(cfg: RunConfig) -> None:
         for key in ("hnsw_m", "ef_search"):
             if getattr(a, key) != getattr(AssignConfig, key):
                 dead.append(f"assign.{key}: only used by assign.method=hnsw (method={a.method!r})")
+    dead += margin_option_errors(cfg.train)
     if dead:
         raise ConfigError("; ".join(dead))
 

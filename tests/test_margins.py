@@ -7,6 +7,7 @@ respect to embeddings and centres, one to four ranks — are in test_partial_fc.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,73 @@ def test_make_margin_errors():
     with pytest.raises(ValueError, match="m must be in"):
         make_margin("arcface", m=4.0)
     assert make_margin("combined", m=0.3).m2 == 0.3
+
+
+# --- every margin setting from the config ---------------------------------------------------
+
+
+def _head(*overrides: str, n: int = 8):
+    from megaclass.pipelines.config import load_config
+    from megaclass.training.config import TrainJob
+    from megaclass.training.engine import DistEnv
+    from megaclass.training.trainer import build_head
+
+    cfg = load_config(None, ["train.embed_dim=4", *overrides])
+    job = TrainJob(cfg.train, cfg.data, cfg.seed, Path("/nonexistent"), num_classes=n)
+    return build_head(job, DistEnv(0, 0, 1, torch.device("cpu"), "gloo"), n)
+
+
+def test_combined_m1_m3_reach_the_loss_as_the_formula_says() -> None:
+    mg = _head(
+        "train.margin=combined", "train.margin_m=0.3", "train.margin_m1=0.9", "train.margin_m3=0.2"
+    ).margin
+    cos_t = torch.tensor([0.9, 0.5, -0.2], dtype=torch.float64)
+    want = torch.cos(0.9 * torch.acos(cos_t) + 0.3) - 0.2
+    torch.testing.assert_close(mg(cos_t), want)
+    base = _head("train.margin=combined", "train.margin_m=0.3").margin
+    assert (base.m1, base.m3) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "name, std",
+    [
+        ("elastic_arc", 0.05),
+        ("elastic_cos", 0.05),
+        ("elastic_arc_plus", 0.0175),
+        ("elastic_cos_plus", 0.02),
+    ],
+)
+def test_elastic_sigma_defaults_to_the_papers_and_can_be_set(name: str, std: float) -> None:
+    mg = _head(f"train.margin={name}", "train.margin_m=0.4").margin
+    assert mg.std == pytest.approx(std)
+    g = torch.Generator().manual_seed(0)
+    drawn = mg.prepare(norms=torch.ones(20000), cos_target=torch.rand(20000), generator=g)
+    assert float(drawn.mean()) == pytest.approx(0.4, abs=3 * std / 100 + 1e-4)
+    assert float(drawn.std()) == pytest.approx(std, rel=0.05)
+    assert _head(f"train.margin={name}", "train.elastic_std=0.1").margin.std == pytest.approx(0.1)
+
+
+def test_adaface_h_and_t_alpha_and_interclass_threshold_are_passed() -> None:
+    mg = _head("train.margin=adaface", "train.adaface_h=0.5", "train.adaface_t_alpha=0.1").margin
+    assert (mg.h, mg.t_alpha) == (0.5, 0.1)
+    head = _head("train.interclass_threshold=0.4")
+    assert head.interclass_threshold == 0.4
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.margin_m1=0.9"], "train.margin_m1"),
+        (["train.elastic_std=0.02"], "train.elastic_std"),
+        (["train.adaface_h=0.5"], "train.adaface_h"),
+        (["train.objective=mlcd", "train.interclass_threshold=0.4"], "train.interclass_threshold"),
+        (["train.margin=combined", "train.margin_m1=0"], "train.margin_m1"),
+        (["train.margin=adaface", "train.adaface_t_alpha=0"], "train.adaface_t_alpha"),
+    ],
+)
+def test_margin_settings_the_margin_ignores_or_invalid_are_config_errors(overrides, key) -> None:
+    from megaclass.core.config import ConfigError
+    from megaclass.pipelines.config import load_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)

@@ -52,6 +52,20 @@ class TrainConfig:
     """Margin m (ArcFace angle / CosFace cosine offset)."""
     scale: float = 32.0
     """Logit scale s."""
+    margin_m1: float = 1.0
+    """Margin 'combined': multiplicative angular margin m1 in s·(cos(m1·θ + m2) − m3); m2 is margin_m."""
+    margin_m3: float = 0.0
+    """Margin 'combined': additive cosine margin m3 in s·(cos(m1·θ + m2) − m3)."""
+    elastic_std: float | None = None
+    """ElasticFace margins: σ of the per-sample margin N(margin_m, σ). None: the paper's value for
+    the chosen margin (elastic_arc/elastic_cos 0.05, elastic_arc_plus 0.0175, elastic_cos_plus 0.02)."""
+    adaface_h: float = 0.333
+    """Margin 'adaface': h, how strongly the feature norm adapts the margin (paper: 0.333)."""
+    adaface_t_alpha: float = 0.01
+    """Margin 'adaface': momentum of the feature-norm mean/std running averages (paper: 0.01)."""
+    interclass_threshold: float | None = None
+    """Objective 'pfc': negatives with cosine above this get logit 0 and no gradient (Unicom's
+    inter-class filtering of near-duplicate classes; None: off)."""
     sample_rate: float = 0.1
     """Class sampling rate r of partial FC: each rank scores int(r x its classes) per step in
     total, the batch's positive classes first and random negatives for the rest (1.0 = all
@@ -102,6 +116,52 @@ class TrainConfig:
     """Ranks that `megaclass run` launches the trainer with (deepspeed/torchrun launch it themselves)."""
     launcher: str = "torchrun"
     """How `megaclass run` starts nproc > 1 ranks on this machine: 'torchrun' (torch.distributed.run) or 'deepspeed' (the deepspeed launcher)."""
+
+
+ELASTIC_STD = {
+    "elastic_arc": 0.05,
+    "elastic_cos": 0.05,
+    "elastic_arc_plus": 0.0175,
+    "elastic_cos_plus": 0.02,
+}
+"""ElasticFace's σ per margin, from the paper's configurations."""
+
+
+def margin_kwargs(tc: TrainConfig) -> dict[str, float]:
+    """The constructor arguments of ``tc.margin`` beyond scale and m, from the typed fields."""
+    if tc.margin == "combined":
+        return {"m1": tc.margin_m1, "m3": tc.margin_m3}
+    if tc.margin == "adaface":
+        return {"h": tc.adaface_h, "t_alpha": tc.adaface_t_alpha}
+    if tc.margin in ELASTIC_STD:
+        return {"std": ELASTIC_STD[tc.margin] if tc.elastic_std is None else tc.elastic_std}
+    return {}
+
+
+def margin_option_errors(tc: TrainConfig) -> list[str]:
+    """Margin settings that the chosen margin or objective would ignore, or that are invalid."""
+    out = []
+    d = TrainConfig
+    used = {
+        "margin_m1": tc.margin == "combined",
+        "margin_m3": tc.margin == "combined",
+        "elastic_std": tc.margin in ELASTIC_STD,
+        "adaface_h": tc.margin == "adaface",
+        "adaface_t_alpha": tc.margin == "adaface",
+        "interclass_threshold": tc.objective == "pfc",
+    }
+    for key, ok in used.items():
+        if not ok and getattr(tc, key) != getattr(d, key):
+            out.append(
+                f"train.{key}: not used with train.margin={tc.margin!r}, objective={tc.objective!r}"
+            )
+    if tc.margin_m1 <= 0:
+        out.append(f"train.margin_m1: must be > 0, got {tc.margin_m1}")
+    if tc.elastic_std is not None and tc.elastic_std < 0:
+        out.append(f"train.elastic_std: must be >= 0, got {tc.elastic_std}")
+    if not 0.0 < tc.adaface_t_alpha <= 1.0:
+        out.append(f"train.adaface_t_alpha: must be in (0, 1], got {tc.adaface_t_alpha}")
+    return out
 
 
 @dataclass

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from megaclass.core.config import ConfigError
 from megaclass.data.loader import TrainLoader
 from megaclass.training import checkpoint as ckpt
-from megaclass.training.config import TrainJob
+from megaclass.training.config import TrainJob, margin_kwargs
 from megaclass.training.encoders import StudentModel, build_student
 from megaclass.training.engine import (
     DistEnv,
@@ -381,6 +381,8 @@ def build_head(job: TrainJob, env: DistEnv, num_classes: int) -> nn.Module:
         scale=tc.scale,
         num_subcenters=tc.num_subcenters,
         multi_label=tc.objective == "mlcd",
+        interclass_threshold=tc.interclass_threshold,
+        margin_kwargs=margin_kwargs(tc),
         seed=job.seed,
         grad_average=True,  # embedding grads × W: the engine's averaging then gives the true gradient
     )
