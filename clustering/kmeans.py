@@ -53,9 +53,9 @@ class KMeansParams:
     sub_niter: int | None = None
     """Hierarchical: iterations inside each group (None: niter)."""
     refine_niter: int = 0
+    """Hierarchical: flat refinement iterations after the two levels."""
     group_sizes: bool = False
     """Hierarchical: one more pass per group to report the two-level cluster sizes."""
-    """Hierarchical: flat refinement iterations after the two levels."""
     group_batch: int = 64
     hier_parallel: str = "threads"
     """'ray' (Ray tasks) or 'threads' (a local thread pool) for the hierarchical groups."""

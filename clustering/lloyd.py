@@ -20,6 +20,9 @@ import torch
 # (measured on k = 1024, d = 128, top-1 search, medians of interleaved repetitions: 2^20 0.76,
 # 2^21 0.84-0.86, 2^22 0.84-0.86 of the GEMM rate; the old 2^24 gave 0.45 with torch's max).
 DEFAULT_BLOCK = 1 << 22
+# On a GPU the score block is sized for the GEMM, not a CPU cache: measured on an H200
+# (BENCHMARKS.md, GPU validation), 2^22 ran the assignment at 11-15 TFLOP/s, 2^27 at 185 (bf16).
+GPU_BLOCK = 1 << 27
 # Centroids per block at most (large k: a few hundred rows against 8192 centroids per GEMM).
 MAX_CENTROID_BLOCK = 1 << 13
 # Lanes of the column-folded maximum in :func:`row_argmax` (measured: 32 is fastest here; 16
@@ -112,10 +115,11 @@ def topk_torch(
     ct: torch.Tensor,
     topk: int = 1,
     chunk_size: int = 65536,
-    block: int = DEFAULT_BLOCK,
+    block: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensor version of :func:`chunked_topk` (runs on whatever device the tensors are on)."""
+    block = block or (GPU_BLOCK if xt.is_cuda else DEFAULT_BLOCK)
     n, k = xt.shape[0], ct.shape[0]
     if topk > k:
         raise ValueError(f"topk={topk} exceeds the number of centroids k={k}")
@@ -152,7 +156,7 @@ def chunked_topk(
     c: np.ndarray,
     topk: int = 1,
     chunk_size: int = 65536,
-    block: int = DEFAULT_BLOCK,
+    block: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k centroids (by inner product) of every row of ``x``, best first.
@@ -170,7 +174,7 @@ def assign_reduce_torch(
     xt: torch.Tensor,
     ct: torch.Tensor,
     chunk_size: int = 65536,
-    block: int = DEFAULT_BLOCK,
+    block: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One assignment pass on tensors: per-centroid sums (float64 (k, d)), counts (int64) and
@@ -179,6 +183,7 @@ def assign_reduce_torch(
     Each block of rows is added to its centroids' float32 partial sums right after its
     assignment (while the rows are still in cache); the partial sums go into the float64 totals
     every ``chunk_size`` rows."""
+    block = block or (GPU_BLOCK if xt.is_cuda else DEFAULT_BLOCK)
     n, d = xt.shape
     k = ct.shape[0]
     dev = xt.device
@@ -214,7 +219,7 @@ def assign_reduce(
     x: np.ndarray,
     c: np.ndarray,
     chunk_size: int = 65536,
-    block: int = DEFAULT_BLOCK,
+    block: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Numpy wrapper of :func:`assign_reduce_torch`: (sums float64, counts int64, objective)."""

@@ -26,7 +26,8 @@ Pipeline per (rank, worker) — everything is a pure function of (seed, epoch, r
 2. **Read + label join.** Samples come from :func:`megaclass.data.reader.iter_samples`
    (header checked, not decoded). When a shard is opened its sidecar
    ``labels_dir/<stem>.parquet`` is read; a sidecar with another centroid sha raises
-   :class:`LabelShaMismatchError` (checked for all shards before the first batch, too); a
+   :class:`LabelShaMismatchError` (with ``check_labels=True`` also for all shards before the
+   first batch; off by default, so start-up touches no file per shard); a
    sample without a label row (or a shard without a sidecar) is skipped as
    ``missing_label``.
 3. **Seeded shuffle buffer** of ``shuffle_buffer`` samples (0/1: stream order).

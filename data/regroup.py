@@ -10,8 +10,8 @@ parts once and writes one sidecar per training shard.
 
 Two passes, both linear and resumable:
 
-1. every part is split by shard into fragments ``OUT/.fragments/<shard>/<part>.parquet`` (one part
-   in memory at a time); a ``_done/parts/<part>.json`` record, written last, marks a part done;
+1. every part is split by shard into fragments ``OUT/.fragments/<shard>/<part>.parquet`` (one part in memory per
+   thread); a ``_done/parts/<part>.json`` record, written last, marks a part done;
 2. every training shard's fragments are merged (part order; the first row of a key wins) into
    ``OUT/<shard>.parquet``, written atomically, then its ``_done/shards/<shard>.json`` record.
 

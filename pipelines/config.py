@@ -115,7 +115,7 @@ class EvalConfig:
 
 @dataclass
 class SlurmConfig:
-    """How `megaclass slurm CONFIG --stage NAME` renders sbatch scripts (see slurm/ and README)."""
+    """How `megaclass slurm CONFIG --stage NAME` renders sbatch scripts (docs/operations.md, "Slurm")."""
 
     job_name: str = "megaclass"
     """Slurm job name (#SBATCH --job-name); the stage name is appended ('megaclass-train')."""

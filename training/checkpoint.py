@@ -241,7 +241,7 @@ def plan_resume(root: str | Path, rank: int, world: int) -> ResumePlan | None:
         raise CheckpointError(
             f"{folder} was written by {old_world} ranks but this run has {world}. Re-shard it "
             f"first: `megaclass train reshard {Path(root).parent.parent} --world-size {world}` "
-            "(README 'Train: changing the number of ranks')."
+            "(docs/training.md, 'Changing the number of ranks')."
         )
     info = json.loads(rec.read_text())
     return ResumePlan(

@@ -47,7 +47,8 @@ class TrainConfig:
     embed_dim: int = 256
     """Size of the projected embedding the head sees."""
     margin: str = "arcface"
-    """Margin: 'arcface', 'arcface_detached', 'cosface', 'combined', 'adaface', 'elastic_arc', 'elastic_cos', 'none'."""
+    """Margin: 'arcface', 'arcface_detached', 'cosface', 'combined', 'adaface', 'elastic_arc', 'elastic_cos',
+    'elastic_arc_plus', 'elastic_cos_plus', 'none' (the registry of training/margins.py)."""
     margin_m: float = 0.3
     """Margin m (ArcFace angle / CosFace cosine offset)."""
     scale: float = 32.0
@@ -113,7 +114,8 @@ class TrainConfig:
     freeze_backbone: bool = False
     """Train only the projection and head."""
     nproc: int = 1
-    """Ranks that `megaclass run` launches the trainer with (deepspeed/torchrun launch it themselves)."""
+    """Ranks that `megaclass run` and `megaclass train` start on this machine (an outer
+    deepspeed/torchrun/srun launch sets the ranks itself)."""
     launcher: str = "torchrun"
     """How `megaclass run` starts nproc > 1 ranks on this machine: 'torchrun' (torch.distributed.run) or 'deepspeed' (the deepspeed launcher)."""
 

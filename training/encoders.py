@@ -144,8 +144,8 @@ class Encoder(nn.Module):
         self.mean, self.std = tuple(mean), tuple(std)
         size = spec.image_size
         normalize = T.Normalize(self.mean, self.std)
-        # Augmentation draws from torch's global RNG (saved in checkpoints, so a resumed run
-        # with num_workers=0 sees the same crops).
+        # Augmentation draws from torch's RNG, which the loader seeds per sample
+        # (seed_transforms), so crops repeat with any number of workers and after a resume.
         self.transform_train = T.Compose(
             [
                 T.Lambda(_to_rgb),

@@ -168,7 +168,7 @@ class _DistMarginCE(torch.autograd.Function):
     cosines (max over K) form the (B, S) logit block, ``tgt`` (n,) margined target cosines of
     the n samples whose class is local (at ``rows``/``cols``). The target entries are replaced by
     ``tgt`` (their gradient flows through ``tgt``), filtered negatives get logit 0 and no
-    gradient. Returns the mean over the B rows of −log p(target); three all-reduces of B floats.
+    gradient. Returns the mean over the B rows of −log p(target); two all-reduces (B floats, MAX; 2B floats, SUM).
     """
 
     @staticmethod
@@ -258,8 +258,9 @@ class PartialFC(nn.Module):
     Args:
         num_classes: C, total over all ranks.
         embed_dim: D.
-        sample_rate: r; each rank keeps its positives plus random negatives up to int(r·C_local)
-            (MLCD: this is the random negative ratio). 1.0 = every class.
+        sample_rate: r; each rank scores int(r·C_local) classes per step in total: its positives
+            first, random negatives for the rest (MLCD too: r is the whole budget, not a
+            negative ratio; positives alone may fill it). 1.0 = every class.
         feature_rate: f; fraction of embedding dimensions used each step (same on all ranks).
         margin: a :class:`~megaclass.training.margins.Margin` or a name for ``make_margin``.
         scale: logit scale s (overrides the margin's); None keeps the margin's own default.
@@ -425,13 +426,21 @@ class PartialFC(nn.Module):
             )
         return labels.long()
 
-    def _sample_classes(self, pos_local: Tensor, gen: torch.Generator) -> Tensor | None:
+    def _sample_classes(
+        self, pos_local: Tensor, gen: torch.Generator, device: torch.device | None = None
+    ) -> Tensor | None:
+        """The sampled local classes, sorted: the positives plus the negatives with the highest
+        random scores. The scores come from the CPU generator (the same draws whatever the
+        device); the top-k over them runs on ``device`` — on a GPU that is ~20x cheaper than on
+        the host at 1M classes per rank (BENCHMARKS.md, GPU validation)."""
         budget = max(1, int(self.sample_rate * self.num_local))
         if budget >= self.num_local:
             return None
         if pos_local.numel() >= budget:
             return pos_local
         scores = torch.rand(self.num_local, generator=gen)
+        if device is not None and device.type != "cpu":
+            scores, pos_local = scores.to(device), pos_local.to(device)
         scores[pos_local] = 2.0
         return scores.topk(budget, sorted=False).indices.sort().values
 
@@ -478,7 +487,7 @@ class PartialFC(nn.Module):
         if self.multi_label and local_cls.numel():  # duplicate labels in a row count once
             key = torch.unique(rows * self.num_local + local_cls)
             rows, local_cls = key // self.num_local, key % self.num_local
-        idx = self._sample_classes(torch.unique(local_cls).cpu(), local)
+        idx = self._sample_classes(torch.unique(local_cls).cpu(), local, device)
         self.last_sample = SampledState(step, self.rank, self.class_start, idx, dims)
         if idx is not None:
             idx = idx.to(device)
