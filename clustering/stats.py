@@ -1,11 +1,17 @@
-"""Cluster statistics and plots: sizes, balance, objective, agreement with ground truth."""
+"""Cluster statistics and plots: sizes, balance, objective, agreement with ground truth.
+
+Why one module: the cluster stage writes these numbers and plots into ``RUN/cluster/``, the
+assign stage summarises its labels with the same :func:`size_stats`, and the run report
+(``pipelines/report_plots.py``) draws its objective and size plots with the same functions, so
+each statistic and each plot has one definition (docs/architecture.md, floor 2).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from megaclass.core.atomic import atomic_path
+from megaclass.clustering.plotting import pyplot, save_fig
 
 PERCENTILES = (0, 1, 5, 25, 50, 75, 95, 99, 100)
 
@@ -60,44 +66,56 @@ def quality(truth: list, pred: np.ndarray, max_ami_cells: int = 50_000_000) -> d
     return out
 
 
-def _save_fig(fig, path: Path) -> None:  # noqa: ANN001
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-
-
 def plot_objective(
-    objective: list[float], path: str | Path, title: str = "k-means objective"
+    objective: list[float],
+    path: str | Path,
+    title: str = "k-means objective",
+    ylabel: str = "Σ cosine to assigned centroid",
 ) -> None:
-    import matplotlib
+    """The k-means objective against the iteration (one marker per iteration)."""
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.4))
     ax.plot(np.arange(1, len(objective) + 1), objective, marker="o", ms=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
-    ax.set_ylabel("Σ cosine to assigned centroid")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    _save_fig(fig, Path(path))
-    plt.close(fig)
+    save_fig(fig, path)
 
 
-def plot_sizes(sizes: np.ndarray, path: str | Path, title: str = "cluster sizes") -> None:
-    import matplotlib
+def plot_sizes(
+    sizes: np.ndarray,
+    path: str | Path,
+    title: str = "cluster sizes",
+    *,
+    unit: str = "points",
+    log_y: bool = False,
+    counts: bool = False,
+) -> None:
+    """Histogram of the cluster sizes and the sizes against their rank (log rank axis).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    ``unit`` names what a cluster holds in the axis labels; ``log_y`` puts the sizes on a log
+    axis too (empty clusters drawn at 0.5); ``counts`` adds k and the empty clusters to the
+    title, which always ends with the imbalance factor.
+    """
+    from matplotlib.ticker import MaxNLocator
 
     h = np.sort(np.asarray(sizes))[::-1]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a1.hist(h, bins=min(50, max(5, len(np.unique(h)))))
-    a1.set_xlabel("points per cluster")
+    fig, (a1, a2) = pyplot().subplots(1, 2, figsize=(9, 3.4), layout="constrained")
+    a1.hist(h, bins=min(50, max(5, len(np.unique(h)))), color="#4c72b0")
+    a1.yaxis.set_major_locator(MaxNLocator(integer=True))
+    a1.set_xlabel(f"{unit} per cluster")
     a1.set_ylabel("clusters")
-    a2.plot(np.arange(1, len(h) + 1), h)
+    a2.plot(np.arange(1, len(h) + 1), np.maximum(h, 0.5) if log_y else h, color="#4c72b0")
     a2.set_xscale("log")
+    if log_y:
+        a2.set_yscale("log")
     a2.set_xlabel("cluster rank")
-    a2.set_ylabel("points")
-    fig.suptitle(f"{title} (imbalance {imbalance(h):.3f})")
-    _save_fig(fig, Path(path))
-    plt.close(fig)
+    a2.set_ylabel(unit)
+    imb = f"imbalance {imbalance(h):.3f}"
+    fig.suptitle(
+        f"{title}: k={len(h)}, {int((h == 0).sum())} empty, {imb}" if counts else f"{title} ({imb})"
+    )
+    save_fig(fig, path)

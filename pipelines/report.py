@@ -1,615 +1,31 @@
 """``megaclass report RUN``: one report of a run directory, complete or not.
 
-Reads only what the stages leave behind (DESIGN.md run directory; nothing is recomputed from
-the data):
-
-==========  ==========================================================================
-stage       files read
-==========  ==========================================================================
-(run)       ``RUN/config.yaml``
-embed       ``RUN/embed/_SUCCESS.json``; when absent, the per-shard ``RUN/embed/_done/*.json``
-cluster     ``RUN/cluster/_SUCCESS.json`` (= stats.json); when absent, ``stats.json`` or the
-            per-iteration ``RUN/cluster/state/*`` (progress only)
-assign      ``RUN/labels/_SUCCESS.json``, the ``cls`` column of ``RUN/labels/*.parquet`` for
-            the full cluster-size distribution (up to ``MAX_LABEL_ROWS`` rows), else the
-            size percentiles of the cluster stats; ``RUN/labels/_done/*.json`` when partial
-train       ``RUN/train/_SUCCESS.json``, ``RUN/train/metrics.jsonl``, ``RUN/train/ckpt/``
-eval        ``RUN/eval/metrics.json`` (``_SUCCESS.json`` marks it complete)
-==========  ==========================================================================
+Why this module: it is the stage entry (``build_report``, called by the CLI and by
+``megaclass run``) and the rendering of the report. Reading the run directory lives in
+``report_read.py`` and the plots in ``report_plots.py``; this module turns their result into
+the files below, so the three formats always show the same sections.
 
 Writes ``RUN/report.json`` (one section per stage with ``status`` = complete | partial |
-missing | unreadable | skipped — the last for embed/cluster/assign under bring-your-own labels), ``RUN/report.md``, ``RUN/report.html`` (self-contained: the PNG plots are
-embedded as base64 data URIs, no scripts, no external links) and ``RUN/plots/*.png``:
-k-means objective, cluster-size distribution, training loss and learning rate, Recall@K per
-encoder, metric against feature dimension. A plot whose data is not there is listed as missing
-with the reason instead.
+missing | unreadable | skipped — the last for embed/cluster/assign under bring-your-own labels),
+``RUN/report.md``, ``RUN/report.html`` (self-contained: the PNG plots are embedded as base64
+data URIs, no scripts, no external links) and ``RUN/plots/*.png``: k-means objective,
+cluster-size distribution, training loss and learning rate, Recall@K per encoder, metric
+against feature dimension. A plot whose data is not there is listed as missing with the reason
+instead. What is read from where: ``report_read.py``; the run directory: docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import base64
-import datetime as _dt
 import html
 import json
-import logging
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from megaclass.core.atomic import atomic_path, write_json_atomic, write_text_atomic
+from megaclass.core.atomic import write_json_atomic, write_text_atomic
 from megaclass.core.rundir import STAGES, RunDir
-
-log = logging.getLogger(__name__)
-
-# Above this many label rows the size plot uses the percentiles of the cluster stats instead
-# of streaming the label sidecars' cls column.
-MAX_LABEL_ROWS = 50_000_000
-
-PLOT_TITLES = {
-    "kmeans_objective": "k-means objective per iteration",
-    "cluster_sizes": "Cluster-size distribution",
-    "train_loss_lr": "Training loss and learning rate",
-    "eval_recall": "Recall@K per encoder",
-    "eval_dims": "Metric against feature dimension",
-}
-
-
-# --------------------------------------------------------------------------------------
-# reading
-# --------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(content, None), (None, None) when absent, or (None, error) when unreadable."""
-    if not path.is_file():
-        return None, None
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return None, f"{path}: {type(e).__name__}: {e}"
-    if not isinstance(obj, dict):
-        return None, f"{path}: expected a JSON object, got {type(obj).__name__}"
-    return obj, None
-
-
-def _done_records(stage_dir: Path) -> list[dict[str, Any]]:
-    out = []
-    for p in sorted((stage_dir / "_done").glob("*.json")):
-        rec, _ = _read_json(p)
-        if rec is not None:
-            out.append(rec)
-    return out
-
-
-def _pick(d: dict[str, Any], *keys: str) -> dict[str, Any]:
-    return {k: d[k] for k in keys if k in d}
-
-
-def _section(status: str, **kw: Any) -> dict[str, Any]:
-    return {"status": status, **kw}
-
-
-def read_config(rd: RunDir) -> dict[str, Any]:
-    import yaml
-
-    if not rd.config_path.is_file():
-        return _section("missing", note="no config.yaml: no stage has started in this folder")
-    try:
-        cfg = yaml.safe_load(rd.config_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        return _section("unreadable", error=f"{rd.config_path}: {e}")
-    g = lambda sec, key: (cfg.get(sec) or {}).get(key)  # noqa: E731
-    return _section(
-        "complete",
-        file=str(rd.config_path),
-        key_settings={
-            "data.shards": g("data", "shards"),
-            "data.eval_shards": g("data", "eval_shards"),
-            "embed.image_teacher": g("embed", "image_teacher"),
-            "embed.text_teacher": g("embed", "text_teacher"),
-            "cluster.feature": g("cluster", "feature"),
-            "cluster.k": g("cluster", "k"),
-            "cluster.backend": g("cluster", "backend"),
-            "assign.topk": g("assign", "topk"),
-            "assign.labels_dir": g("assign", "labels_dir"),
-            "train.objective": g("train", "objective"),
-            "train.model": g("train", "model"),
-            "train.steps": g("train", "steps"),
-            "eval.encoders": g("eval", "encoders"),
-        },
-    )
-
-
-def _top_shards(by_shard: dict[str, dict[str, int]], n: int = 20) -> dict[str, dict[str, int]]:
-    """The ``n`` shards with the most skipped samples (a 40k-shard run would bloat the report)."""
-    total = {s: sum(int(v) for v in c.values()) for s, c in by_shard.items()}
-    return {s: by_shard[s] for s in sorted(total, key=lambda s: (-total[s], s))[:n]}
-
-
-def read_embed(rd: RunDir) -> dict[str, Any]:
-    s, err = _read_json(rd.embed / "_SUCCESS.json")
-    if err:
-        return _section("unreadable", error=err)
-    if s is not None:
-        teacher = s.get("teacher") or {}
-        return _section(
-            "complete",
-            bring_your_own=bool(s.get("skipped_stage")),
-            rows=s.get("rows"),
-            seen=s.get("seen"),
-            shards=s.get("shards"),
-            shards_embedded=s.get("shards_embedded"),
-            shards_failed=s.get("shards_failed"),
-            skipped=s.get("skipped") or {},
-            skipped_total=s.get("skipped_total", 0),
-            skipped_by_shard=_top_shards(s.get("skipped_by_shard") or {}),
-            failed_shards=s.get("failed") or {},
-            samples_per_s=s.get("samples_per_s"),
-            wall_s=s.get("wall_s"),
-            image_teacher=teacher.get("image_teacher"),
-            text_teacher=teacher.get("text_teacher"),
-            image_dim=s.get("image_dim"),
-            text_dim=s.get("text_dim"),
-            embeddings_dir=s.get("embeddings_dir"),
-        )
-    recs = _done_records(rd.embed)
-    failed, _ = _read_json(rd.embed / "_FAILED.json")
-    if not recs and not failed:
-        return _section("missing", note="no RUN/embed/_SUCCESS.json and no finished shard")
-    fail_note = ""
-    if failed and failed.get("failed"):
-        fail_note = (
-            f"; {len(failed['failed'])} shard(s) failed after retries (RUN/embed/_FAILED.json)"
-        )
-    skipped: dict[str, int] = {}
-    for r in recs:
-        for reason, n in ((r.get("stats") or {}).get("skipped") or {}).items():
-            skipped[reason] = skipped.get(reason, 0) + int(n)
-    return _section(
-        "partial",
-        note=f"{len(recs)} shard(s) embedded, stage not finished (no _SUCCESS.json){fail_note}",
-        shards_done=len(recs),
-        failed_shards=(failed or {}).get("failed") or {},
-        rows=sum(int(r.get("rows", 0)) for r in recs),
-        skipped=skipped,
-        skipped_total=sum(skipped.values()),
-    )
-
-
-def read_cluster(rd: RunDir) -> dict[str, Any]:
-    s, err = _read_json(rd.cluster / "_SUCCESS.json")
-    if err:
-        return _section("unreadable", error=err)
-    status = "complete"
-    if s is None:
-        s, err = _read_json(rd.cluster / "stats.json")
-        if err:
-            return _section("unreadable", error=err)
-        status = "partial"
-    if s is None:
-        state = rd.cluster / "state"
-        n = len(list(state.glob("*"))) if state.is_dir() else 0
-        if n:
-            return _section(
-                "partial", note=f"k-means in progress: {n} checkpoint file(s) in {state}"
-            )
-        return _section("missing", note="no RUN/cluster/_SUCCESS.json")
-    sizes = s.get("sizes") or {}
-    obj = [float(v) for v in s.get("objective") or []]
-    return _section(
-        status,
-        **({"note": "stats.json without _SUCCESS.json"} if status == "partial" else {}),
-        k=s.get("k"),
-        backend=s.get("backend"),
-        feature=s.get("feature"),
-        dim=s.get("dim"),
-        sample_rows=s.get("sample_rows"),
-        total_rows=s.get("total_rows"),
-        iterations=len(obj),
-        objective=obj,
-        objective_per_point=[float(v) for v in s.get("objective_per_point") or []],
-        final_mean_cosine=s.get("final_mean_cosine"),
-        sizes=_pick(sizes, "empty", "singleton", "imbalance", "size_percentiles", "largest"),
-        quality=s.get("quality"),
-        seconds_kmeans=s.get("seconds_kmeans"),
-        points_per_s=(
-            s["sample_rows"] * len(obj) / s["seconds_kmeans"]
-            if s.get("sample_rows") and obj and s.get("seconds_kmeans")
-            else None
-        ),
-        centroid_sha256=s.get("centroid_sha256"),
-    )
-
-
-def read_assign(rd: RunDir, cluster: dict[str, Any]) -> dict[str, Any]:
-    s, err = _read_json(rd.labels / "_SUCCESS.json")
-    if err:
-        return _section("unreadable", error=err)
-    if s is None:
-        recs = _done_records(rd.labels)
-        if not recs:
-            return _section("missing", note="no RUN/labels/_SUCCESS.json")
-        return _section(
-            "partial",
-            note=f"{len(recs)} shard(s) assigned, stage not finished (no _SUCCESS.json)",
-            shards_done=len(recs),
-            rows=sum(int(r.get("rows", 0)) for r in recs),
-        )
-    out = _section(
-        "complete",
-        **_pick(
-            s,
-            "rows",
-            "k",
-            "topk",
-            "method",
-            "stems",
-            "low_score_threshold",
-            "low_score_rows",
-            "low_score_share",
-            "rows_per_second",
-            "seconds",
-            "centroid_sha256",
-        ),
-        label_histogram=_pick(
-            s.get("label_histogram") or {},
-            "empty",
-            "singleton",
-            "imbalance",
-            "size_percentiles",
-            "largest",
-        ),
-    )
-    c_sha = cluster.get("centroid_sha256")
-    if c_sha and s.get("centroid_sha256") and c_sha != s["centroid_sha256"]:
-        out["warning"] = (
-            "labels were made from different centroids than RUN/cluster/centroids.npy "
-            f"({s['centroid_sha256'][:12]}… vs {c_sha[:12]}…): re-run assign"
-        )
-    return out
-
-
-def read_train(rd: RunDir) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    s, err = _read_json(rd.train / "_SUCCESS.json")
-    if err:
-        return _section("unreadable", error=err), []
-    records, bad = [], 0
-    mpath = rd.train / "metrics.jsonl"
-    if mpath.is_file():
-        for line in mpath.read_text(errors="replace").splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1  # a torn last line of a killed run
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
-                records.append(rec)
-    ckpts = sorted(p.name for p in rd.ckpt.glob("step-*")) if rd.ckpt.is_dir() else []
-    curve = _curve_summary(records)
-    if bad:
-        curve["unreadable_lines"] = bad
-    if s is not None:
-        return (
-            _section(
-                "complete",
-                **_pick(
-                    s,
-                    "steps",
-                    "final_loss",
-                    "samples",
-                    "samples_per_s",
-                    "wall_s",
-                    "world_size",
-                    "global_batch",
-                    "bad_steps",
-                    "resumed_from",
-                    "interrupted",
-                    "export",
-                ),
-                checkpoints=ckpts,
-                metrics=curve,
-            ),
-            records,
-        )
-    if not records and not ckpts:
-        return _section("missing", note="no RUN/train/_SUCCESS.json, no metrics, no checkpoint"), []
-    last = int(records[-1]["step"]) if records else None
-    return (
-        _section(
-            "partial",
-            note=(
-                "training not finished (no _SUCCESS.json): "
-                + (f"last logged step {last}" if last is not None else "no metrics logged")
-                + f", {len(ckpts)} checkpoint(s)"
-            ),
-            checkpoints=ckpts,
-            metrics=curve,
-        ),
-        records,
-    )
-
-
-def _finite(vals: list[Any]) -> list[float]:
-    return [float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
-
-
-def _curve_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
-    if not records:
-        return {"records": 0}
-    loss = _finite([r.get("loss") for r in records])
-    sps = _finite([r.get("samples_per_s") for r in records])
-    wait = _finite([r.get("data_wait_share") for r in records])
-    lr = _finite([r.get("lr") for r in records])
-    return {
-        "records": len(records),
-        "first_step": int(records[0]["step"]),
-        "last_step": int(records[-1]["step"]),
-        "loss_first": loss[0] if loss else None,
-        "loss_last": loss[-1] if loss else None,
-        "loss_min": min(loss) if loss else None,
-        "lr_max": max(lr) if lr else None,
-        "samples_per_s_mean": float(np.mean(sps)) if sps else None,
-        "data_wait_share_mean": float(np.mean(wait)) if wait else None,
-    }
-
-
-def read_eval(rd: RunDir) -> dict[str, Any]:
-    m, err = _read_json(rd.eval / "metrics.json")
-    if err:
-        return _section("unreadable", error=err)
-    if m is None:
-        n = len(list((rd.eval / "_done").glob("*.json"))) if (rd.eval / "_done").is_dir() else 0
-        if n:
-            return _section("partial", note=f"features of {n} encoder(s) embedded, no metrics yet")
-        return _section("missing", note="no RUN/eval/metrics.json")
-    status = "complete" if (rd.eval / "_SUCCESS.json").is_file() else "partial"
-    encoders = {}
-    found = m.get("encoders") or {}
-    # metrics.json is written with sorted keys: restore the config order (teacher, student first)
-    order = [n for n in m.get("encoder_order") or [] if n in found]
-    order += sorted(
-        (n for n in found if n not in order), key=lambda n: (n != "teacher", n != "student", n)
-    )
-    for name in order:
-        r = found[name]
-        encoders[name] = {
-            **_pick(r, "kind", "spec", "dim", "images_per_s", "compact_skipped"),
-            "full": r.get("full") or {},
-            "compact": r.get("compact") or {},
-        }
-    return _section(
-        status,
-        eval_set=_pick(m.get("eval_set") or {}, "n", "classes", "class_field", "read"),
-        settings=_pick(m.get("settings") or {}, "recall_ks", "knn_k", "compact_dims", "device"),
-        encoders=encoders,
-        comparison=m.get("comparison"),
-        wall_s=m.get("wall_s"),
-    )
-
-
-def cluster_sizes(
-    rd: RunDir, k: int | None, labels_dir: str | Path | None = None
-) -> tuple[np.ndarray | None, str]:
-    """Points per cluster over all labelled samples (label sidecars' cls column), or None.
-
-    ``labels_dir`` (bring-your-own labels) replaces RUN/labels; without ``k`` the number of
-    clusters is taken as the largest label + 1.
-    """
-    folder = Path(labels_dir) if labels_dir else rd.labels
-    files = sorted(folder.glob("*.parquet"))
-    if not files:
-        return None, "no label sidecars"
-    import pyarrow.parquet as pq
-
-    try:
-        total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-        if total > MAX_LABEL_ROWS:
-            return None, f"{total} label rows > {MAX_LABEL_ROWS}: percentiles only"
-        hist = np.zeros(int(k or 0), dtype=np.int64)
-        for f in files:
-            cls = pq.read_table(f, columns=["cls"]).column("cls").to_numpy()
-            cls = cls[(cls >= 0) & ((cls < k) if k else True)]
-            add = np.bincount(cls, minlength=len(hist))
-            if len(add) > len(hist):
-                hist = np.pad(hist, (0, len(add) - len(hist)))
-            hist += add[: len(hist)]
-    except Exception as e:  # a broken sidecar must not break the report
-        return None, f"label sidecars unreadable ({type(e).__name__}: {e})"
-    if not len(hist):
-        return None, "label sidecars hold no rows"
-    where = str(folder) if labels_dir else "RUN/labels"
-    return hist, f"all {int(hist.sum())} labelled samples ({where})"
-
-
-# --------------------------------------------------------------------------------------
-# plots
-# --------------------------------------------------------------------------------------
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:  # noqa: ANN001
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=96, bbox_inches="tight")
-    _plt().close(fig)
-
-
-def plot_objective(cl: dict[str, Any], path: Path) -> str | None:
-    y = cl.get("objective_per_point") or cl.get("objective")
-    if not y:
-        return "no objective per iteration in the cluster stats (bring-your-own centroids?)"
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.plot(np.arange(1, len(y) + 1), y, marker="o", ms=3)
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(
-        "mean cosine to centroid" if cl.get("objective_per_point") else "Σ cosine to centroid"
-    )
-    ax.set_title(f"k-means ({cl.get('backend')}, k={cl.get('k')})")
-    ax.grid(alpha=0.3)
-    _save(fig, path)
-    return None
-
-
-def plot_sizes(sizes: np.ndarray | None, source: str, cl: dict[str, Any], path: Path) -> str | None:
-    plt = _plt()
-    if sizes is not None:
-        h = np.sort(sizes)[::-1]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
-        a1.hist(h, bins=min(50, max(5, len(np.unique(h)))), color="#4c72b0")
-        from matplotlib.ticker import MaxNLocator
-
-        a1.yaxis.set_major_locator(MaxNLocator(integer=True))
-        a1.set_xlabel("samples per cluster")
-        a1.set_ylabel("clusters")
-        a2.plot(np.arange(1, len(h) + 1), np.maximum(h, 0.5), color="#4c72b0")
-        a2.set_xscale("log")
-        a2.set_yscale("log")
-        a2.set_xlabel("cluster rank")
-        a2.set_ylabel("samples")
-        k = len(h)
-        imb = k * float((h.astype(np.float64) ** 2).sum()) / max(float(h.sum()) ** 2, 1e-300)
-        fig.suptitle(f"{source}: k={k}, {int((h == 0).sum())} empty, imbalance {imb:.3f}")
-        _save(fig, path)
-        return None
-    pct = ((cl.get("sizes") or {}).get("size_percentiles")) or {}
-    if not pct:
-        return "no cluster sizes (no label sidecars and no size percentiles in the cluster stats)"
-    ps = sorted((float(k[1:]), float(v)) for k, v in pct.items() if k.startswith("p"))
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    ax.plot([p for p, _ in ps], [v for _, v in ps], marker="o")
-    ax.set_xlabel("percentile of clusters")
-    ax.set_ylabel("points per cluster")
-    ax.set_title(f"cluster sizes of the k-means sample (k={cl.get('k')}; {source})")
-    ax.grid(alpha=0.3)
-    _save(fig, path)
-    return None
-
-
-def plot_train(records: list[dict[str, Any]], path: Path) -> str | None:
-    pts = [
-        (r["step"], r.get("loss"), r.get("lr"), r.get("head_lr"))
-        for r in records
-        if isinstance(r.get("step"), (int, float))
-    ]
-    if not pts:
-        return "no records in RUN/train/metrics.jsonl"
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
-    ls = [(s, v) for s, v, _, _ in pts if isinstance(v, (int, float)) and math.isfinite(v)]
-    a1.plot(
-        [s for s, _ in ls],
-        [v for _, v in ls],
-        color="#c44e52",
-        marker="." if len(ls) < 50 else None,
-    )
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in (a1, a2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    a1.set_xlabel("step")
-    a1.set_ylabel("loss")
-    a1.set_title("training loss")
-    a1.grid(alpha=0.3)
-    lrs = [(s, v) for s, _, v, _ in pts if isinstance(v, (int, float))]
-    a2.plot([s for s, _ in lrs], [v for _, v in lrs], label="backbone lr")
-    hl = [(s, v) for s, _, _, v in pts if isinstance(v, (int, float))]
-    if hl and any(abs(v - w) > 1e-15 for (_, v), (_, w) in zip(hl, lrs)):
-        a2.plot([s for s, _ in hl], [v for _, v in hl], label="head lr", ls="--")
-        a2.legend()
-    a2.set_xlabel("step")
-    a2.set_ylabel("learning rate")
-    a2.set_title("learning rate")
-    a2.grid(alpha=0.3)
-    _save(fig, path)
-    return None
-
-
-def _recall_ks(m: dict[str, Any]) -> list[int]:
-    return sorted(int(k[7:]) for k in m if k.startswith("recall@") and k[7:].isdigit())
-
-
-def plot_recall(ev: dict[str, Any], path: Path) -> str | None:
-    encs = {n: r for n, r in (ev.get("encoders") or {}).items() if _recall_ks(r["full"])}
-    if not encs:
-        return "no Recall@K in RUN/eval/metrics.json"
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for name, r in encs.items():
-        ks = _recall_ks(r["full"])
-        vals = [r["full"][f"recall@{k}"] for k in ks]
-        ax.plot(
-            ks,
-            [np.nan if v is None else 100 * v for v in vals],
-            marker="o",
-            label=f"{name} ({r.get('dim')}d)",
-        )
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({k for r in encs.values() for k in _recall_ks(r["full"])}))
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("K")
-    ax.set_ylabel("Recall@K (%)")
-    ax.set_title("retrieval on held-out classes")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _save(fig, path)
-    return None
-
-
-def plot_dims(ev: dict[str, Any], path: Path) -> str | None:
-    encs = ev.get("encoders") or {}
-    series = {}
-    for name, r in encs.items():
-        pts = {int(d): m for d, m in (r.get("compact") or {}).items()}
-        if r.get("dim"):
-            pts[int(r["dim"])] = r["full"]
-        if len(pts) >= 2:
-            series[name] = sorted(pts.items())
-    if not series:
-        return "fewer than two feature sizes per encoder (set eval.compact_dims)"
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
-    for name, pts in series.items():
-        ds = [d for d, _ in pts]
-        for ax, key in ((a1, "recall@1"), (a2, "map@r")):
-            vals = [m.get(key) for _, m in pts]
-            ax.plot(ds, [np.nan if v is None else 100 * v for v in vals], marker="o", label=name)
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-    ticks = sorted({d for pts in series.values() for d, _ in pts})
-    for ax, label in ((a1, "Recall@1 (%)"), (a2, "mAP@R (%)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("feature dimension (first d, renormalised)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("compact features")
-    _save(fig, path)
-    return None
-
-
-# --------------------------------------------------------------------------------------
-# rendering
-# --------------------------------------------------------------------------------------
+from megaclass.pipelines.report_plots import PLOT_TITLES, STAGE_PLOTS, write_plots
+from megaclass.pipelines.report_read import read_run, recall_ks
 
 
 def _fmt(v: Any) -> str:
@@ -709,6 +125,13 @@ def _kv_rows(sec: dict[str, Any], stage: str) -> list[tuple[str, str]]:
         for key, label in (("empty", "classes without samples"), ("imbalance", "label imbalance")):
             if key in h:
                 rows.append((label, _fmt(h[key])))
+    if stage == "regroup":
+        for key, label in (("parts", "label files read"), ("training_shards", "training shards")):
+            if key in sec:
+                rows.append((label, _fmt(sec[key])))
+        for kind, n in (sec.get("mismatches") or {}).items():
+            ex = ", ".join((sec.get("mismatch_examples") or {}).get(kind, []))
+            rows.append((f"mismatch: {kind}", _fmt(n) + (f" (e.g. {ex})" if ex else "")))
     if stage == "train":
         m = sec.get("metrics") or {}
         for key, label in (
@@ -760,6 +183,14 @@ def headline(stage: str, sec: dict[str, Any]) -> str:
             if share is not None
             else ""
         )
+    if stage == "regroup":
+        if "rows_out" not in sec:
+            return sec.get("note", "")
+        bad = sum((sec.get("mismatches") or {}).values())
+        return (
+            f"{_fmt(g('rows_out'))} label rows into {_fmt(g('training_shards'))} shard sidecars, "
+            f"{_fmt(bad)} mismatches counted"
+        )
     if stage == "train":
         return (
             f"{_fmt(g('steps'))} steps, final loss {_fmt(g('final_loss'))}, "
@@ -780,7 +211,7 @@ def eval_table(ev: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     if not encs:
         return [], []
     first = next(iter(encs.values()))["full"]
-    ks = _recall_ks(first)
+    ks = recall_ks(first)
     knn_k = first.get("knn_k")
     header = ["encoder", "dim"] + [f"R@{k}" for k in ks] + ["mAP@R", f"kNN@{knn_k}", "images/s"]
     keys = [f"recall@{k}" for k in ks] + ["map@r", "knn_acc"]
@@ -818,13 +249,9 @@ STAGE_TITLES = {
     "embed": "Embed (teacher features)",
     "cluster": "Cluster (spherical k-means)",
     "assign": "Assign (pseudo-labels)",
+    "regroup": "Regroup (labels per training shard)",
     "train": "Train (student)",
     "eval": "Eval (held-out classes)",
-}
-STAGE_PLOTS = {
-    "cluster": ["kmeans_objective", "cluster_sizes"],
-    "train": ["train_loss_lr"],
-    "eval": ["eval_recall", "eval_dims"],
 }
 
 
@@ -1037,70 +464,11 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
     rd = RunDir(run_dir)
     if not rd.root.is_dir():
         raise FileNotFoundError(f"{rd.root}: run directory not found")
-    cluster = read_cluster(rd)
-    train, records = read_train(rd)
-    stages = {
-        "embed": read_embed(rd),
-        "cluster": cluster,
-        "assign": read_assign(rd, cluster),
-        "train": train,
-        "eval": read_eval(rd),
-    }
-    config = read_config(rd)
-    byo_labels = (config.get("key_settings") or {}).get("assign.labels_dir")
-    if byo_labels:  # `megaclass run` skips these three stages: not missing, skipped by design
-        for name in ("embed", "cluster", "assign"):
-            if stages[name]["status"] == "missing":
-                stages[name] = _section(
-                    "skipped",
-                    note=f"bring-your-own labels (assign.labels_dir = {byo_labels}): not run",
-                )
-    for name, sec in stages.items():
+    run = read_run(rd)
+    report = run.report
+    for name, sec in report["stages"].items():
         sec["headline"] = headline(name, sec)
-    report: dict[str, Any] = {
-        "run_dir": str(rd.root.resolve()),
-        "generated_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "config": config,
-        "stages": stages,
-        "missing": [s for s in STAGES if stages[s]["status"] not in ("complete", "skipped")],
-        "plots": {},
-    }
-    k = stages["assign"].get("k") or cluster.get("k")
-    sizes, source = cluster_sizes(rd, k, byo_labels)
-    if sizes is None:
-        source = f"size percentiles from the cluster stats ({source})"
-    jobs = {
-        "kmeans_objective": lambda p: plot_objective(cluster, p),
-        "cluster_sizes": lambda p: plot_sizes(sizes, source, cluster, p),
-        "train_loss_lr": lambda p: plot_train(records, p),
-        "eval_recall": lambda p: plot_recall(stages["eval"], p),
-        "eval_dims": lambda p: plot_dims(stages["eval"], p),
-    }
-    plot_stage = {
-        "kmeans_objective": "cluster",
-        "cluster_sizes": "cluster",
-        "train_loss_lr": "train",
-        "eval_recall": "eval",
-        "eval_dims": "eval",
-    }
-    for name, job in jobs.items():
-        path = rd.plots / f"{name}.png"
-        stage_status = stages[plot_stage[name]]["status"]
-        try:
-            if stage_status in ("missing", "unreadable", "skipped") and not (
-                name == "cluster_sizes" and sizes is not None
-            ):
-                why = f"the {plot_stage[name]} stage is {stage_status}"
-            else:
-                why = job(path)
-        except Exception as e:  # a plot must never cost the whole report
-            log.warning("report: plot %s failed: %s", name, e)
-            why = f"plotting failed: {type(e).__name__}: {e}"
-        if why is None:
-            report["plots"][name] = {"file": f"plots/{name}.png", "title": PLOT_TITLES[name]}
-        else:
-            path.unlink(missing_ok=True)  # a stale plot from an earlier build would mislead
-            report["plots"][name] = {"missing": why, "title": PLOT_TITLES[name]}
+    report["plots"] = write_plots(rd, run)
     write_json_atomic(rd.root / "report.json", report)
     write_text_atomic(rd.root / "report.md", render_md(report))
     write_text_atomic(rd.root / "report.html", render_html(report, rd.plots))

@@ -22,6 +22,7 @@ STAGE_FILES = {
     "embed": "embed/_SUCCESS.json",
     "cluster": "cluster/_SUCCESS.json",
     "assign": "labels/_SUCCESS.json",
+    "regroup": "shard_labels/_SUCCESS.json",
     "train": "train/_SUCCESS.json",
     "eval": "eval/_SUCCESS.json",
 }
@@ -197,6 +198,11 @@ def make_run(root: Path, stages: set[str]) -> Path:
         _cluster(root)
     if "assign" in stages:
         _assign(root)
+    if "regroup" in stages:
+        (root / "shard_labels").mkdir(exist_ok=True)
+        (root / "shard_labels" / "_SUCCESS.json").write_text(
+            json.dumps({"regrouped": False, "reason": "every training shard has a sidecar"})
+        )
     if "train" in stages or "train_partial" in stages:
         _train(root, "train" in stages)
     if "eval" in stages:
@@ -204,7 +210,7 @@ def make_run(root: Path, stages: set[str]) -> Path:
     return root
 
 
-ALL = {"embed", "cluster", "assign", "train", "eval"}
+ALL = {"embed", "cluster", "assign", "regroup", "train", "eval"}
 
 
 def _png_ok(path: Path) -> bool:
@@ -255,7 +261,7 @@ def test_report_complete_run(tmp_path):
 def test_report_cluster_sizes_from_labels(tmp_path):
     run = make_run(tmp_path / "run", {"embed", "cluster"})
     counts = _assign(run)
-    from megaclass.pipelines.report import RunDir, cluster_sizes
+    from megaclass.pipelines.report_read import RunDir, cluster_sizes
 
     sizes, source = cluster_sizes(RunDir(run), K)
     np.testing.assert_array_equal(sizes, counts)
@@ -277,13 +283,13 @@ def test_report_partial_run_says_what_is_missing(tmp_path):
     assert st["assign"]["status"] == "missing"
     assert st["train"]["status"] == "partial" and "last logged step 30" in st["train"]["note"]
     assert st["eval"]["status"] == "missing"
-    assert rep["missing"] == ["embed", "assign", "train", "eval"]
+    assert rep["missing"] == ["embed", "assign", "regroup", "train", "eval"]
     assert "file" in rep["plots"]["kmeans_objective"] and "file" in rep["plots"]["train_loss_lr"]
     # no labels: the size plot falls back to the cluster stats' percentiles, and says so
     assert "file" in rep["plots"]["cluster_sizes"]
     assert "missing" in rep["plots"]["eval_recall"] and "missing" in rep["plots"]["eval_dims"]
     md = (run / "report.md").read_text()
-    assert "Incomplete run — stages not complete: embed, assign, train, eval" in md
+    assert "Incomplete run — stages not complete: embed, assign, regroup, train, eval" in md
     assert "Recall@K per encoder: not available — the eval stage is missing" in md
     assert "| /data/bad-000009.tar | ray: worker died |" in md
     html_text = (run / "report.html").read_text()
@@ -312,7 +318,7 @@ def test_report_bring_your_own_labels(tmp_path):
         assert "bring-your-own labels" in rep["stages"][stage]["note"]
     assert "file" in rep["plots"]["cluster_sizes"]  # from the user's label sidecars
     assert "cluster stage is skipped" in rep["plots"]["kmeans_objective"]["missing"]
-    from megaclass.pipelines.report import RunDir, cluster_sizes
+    from megaclass.pipelines.report_read import RunDir, cluster_sizes
 
     sizes, _ = cluster_sizes(RunDir(run), None, byo / "labels")
     np.testing.assert_array_equal(sizes, counts[: len(sizes)])
@@ -426,3 +432,35 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     saturation = arr.max(axis=2) - arr.min(axis=2)
     assert (saturation > 80).mean() > 0.002
     shutil.copy(shot, run / "report-screenshot.png")
+
+
+def test_report_shows_regroup_mismatches_and_a_skipped_eval(tmp_path):
+    """Labels regrouped per training shard: the counts of every mismatch kind reach the report;
+    a run without held-out shards shows eval as skipped, not missing."""
+    run = make_run(tmp_path / "run", ALL - {"eval"})
+    (run / "shard_labels" / "_SUCCESS.json").write_text(
+        json.dumps(
+            {
+                "regrouped": True,
+                "parts": 3,
+                "training_shards": 5,
+                "rows_in": 32,
+                "rows_out": 28,
+                "mismatches": {
+                    "counts": {"bad_key": 2, "duplicate_key": 1},
+                    "examples": {"bad_key": ["abc", "123"], "duplicate_key": ["000000000"]},
+                },
+            }
+        )
+    )
+    (run / "eval").mkdir()
+    note = "eval skipped: data.eval_shards is empty (no held-out set to evaluate on)"
+    (run / "eval" / "_SUCCESS.json").write_text(json.dumps({"skipped": True, "note": note}))
+    rep = build_report(run)
+    st = rep["stages"]
+    assert st["regroup"]["status"] == "complete"
+    assert st["regroup"]["mismatches"] == {"bad_key": 2, "duplicate_key": 1}
+    assert st["eval"]["status"] == "skipped" and "eval_shards is empty" in st["eval"]["note"]
+    assert rep["missing"] == []
+    md = (run / "report.md").read_text()
+    assert "mismatch: bad_key" in md and "abc" in md and "28 label rows" in md
