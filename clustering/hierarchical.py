@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from megaclass.clustering.faiss_import import import_faiss
 from megaclass.clustering.kmeans import (
     KMeansParams,
     KMeansResult,
@@ -77,7 +78,7 @@ def _cluster_group(
     x: np.ndarray, k: int, niter: int, seed: int, sizes: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Centroids of one group and (with ``sizes``, one more pass) the sizes of its clusters."""
-    import faiss
+    faiss = import_faiss()
 
     n, d = x.shape
     if k >= n:
@@ -107,7 +108,7 @@ def _cluster_group(
 
 
 def faiss_flat_search(c: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
+    faiss = import_faiss()
 
     index = faiss.IndexFlatIP(c.shape[1])
     index.add(np.ascontiguousarray(c))
@@ -146,7 +147,7 @@ def _run_batch(
 def _ray_batch(xb, offsets, alloc, groups, niter, seed, sizes):  # noqa: ANN001, ANN202 (Ray task)
     """One batch of groups in a Ray task; ``xb`` holds just this batch's points, sorted by group,
     and ``offsets`` are relative to it."""
-    import faiss
+    faiss = import_faiss()
 
     faiss.omp_set_num_threads(1)
     return _run_batch(xb, offsets, alloc, groups, niter, seed, sizes)
@@ -285,7 +286,7 @@ def train_hierarchical(
             for r in ready:
                 done(pending.pop(r), ray.get(r))
     else:
-        import faiss
+        faiss = import_faiss()
 
         workers = max(1, params.num_workers)
         prev = faiss.omp_get_max_threads()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from megaclass.clustering.faiss_import import import_faiss
 from megaclass.clustering.fault import maybe_die
 from megaclass.clustering.lloyd import assign_reduce, update_centroids
 from megaclass.clustering.state import KMeansState, load_latest, rng_from_state, save_state
@@ -153,7 +154,7 @@ def run_iterations(
 
 def faiss_iterate(x: np.ndarray, k: int) -> Iterate:
     """One faiss Lloyd iteration from the given centroids (faiss splits empty clusters)."""
-    import faiss
+    faiss = import_faiss()
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     gpu = faiss.get_num_gpus() > 0 if hasattr(faiss, "get_num_gpus") else False

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from megaclass.clustering.faiss_import import import_faiss
 from megaclass.clustering.lloyd import chunked_topk, topk_torch
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class Tree:
 
 def build_tree(centroids: np.ndarray, coarse_k: int | None = None, seed: int = 0) -> Tree:
     """Group arbitrary centroids under ≈√k coarse centroids (faiss k-means of the centroids)."""
-    import faiss
+    faiss = import_faiss()
 
     k, d = centroids.shape
     g = min(k, coarse_k or max(1, round(np.sqrt(k))))
@@ -148,7 +149,7 @@ class CentroidSearcher:
         self.index = None
         self.tree = None
         if method == "hnsw":
-            import faiss
+            faiss = import_faiss()
 
             index = faiss.IndexHNSWFlat(self.c.shape[1], hnsw_m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = ef_construction

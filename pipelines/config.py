@@ -71,6 +71,11 @@ class EmbedConfig:
     """Caption teacher: 'minilm' (offline all-MiniLM-L6-v2), 'open_clip:<model name>' or 'none'."""
     pretrained: str | None = None
     """open_clip teachers: a pretrained tag ('laion2b_s34b_b79k') or a local .pt/.safetensors file."""
+    allow_random_teacher: bool = False
+    """Let an open_clip teacher run without embed.pretrained, i.e. with randomly initialised
+    (seeded) weights. Off by default: random-teacher embeddings look like any others, so a
+    forgotten embed.pretrained would only show in the final retrieval numbers; tests and smoke
+    runs of the tiny teacher set it."""
     image_size: int | None = None
     """Override the teacher's input resolution (None: the teacher's default)."""
     batch_size: int = 64
@@ -95,12 +100,19 @@ class EmbedConfig:
 class EvalConfig:
     """Retrieval evaluation on held-out classes (the eval stage)."""
 
+    CHOICES = {"protocol": ("all", "query_gallery")}  # = pipelines.retrieval.PROTOCOLS
+
     encoders: list[str] = field(default_factory=lambda: ["teacher", "student"])
     """Encoders to evaluate: 'teacher', 'student' (export, else newest complete checkpoint),
     'open_clip:<model>[@<pretrained tag or file>]', or a path to an exported encoder / run
     directory; prefix 'label=' to name a column (e.g. 'base=/runs/a/export')."""
+    protocol: str = "all"
+    """Who searches whom: 'all' (SOP, CUB, Cars) — every image queries all the others;
+    'query_gallery' (In-Shop) — images whose json 'split' is 'query' search those whose split is
+    'gallery', other splits take no part (counted in metrics.json)."""
     recall_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    """K values of Recall@K."""
+    """K values of Recall@K (the papers': SOP 1/10/100/1000, CUB and Cars 1/2/4/8, In-Shop
+    1/10/20/30/40/50)."""
     knn_k: int = 10
     """Neighbours for kNN classification."""
     compact_dims: list[int] = field(default_factory=lambda: [64, 128])

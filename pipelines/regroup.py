@@ -41,7 +41,8 @@ def run_regroup(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         rd.finish_stage("regroup", summary)
         return summary
     source = assigned_labels_dir(cfg)
-    stems = [shard_stem(u) for u in expand_shards(cfg.data.shards)]
+    urls = expand_shards(cfg.data.shards, cfg.data.allow_pipe_in_lists)
+    stems = [shard_stem(u) for u in urls]
     missing = [s for s in stems if not label_path(source, s).is_file()]
     if not missing:
         summary = {

@@ -15,7 +15,11 @@ engine) and are assembled here:
   its USR1 trap forwards USR1 to the srun step (srun relays it to every rank), the trainer
   checkpoints and exits 0, then the shell calls ``scontrol requeue``. The requeued job resumes
   from the newest complete checkpoint.
-- ``run``: the Ray stages (skipping complete ones), then training, then eval and the report.
+- ``run``: the Ray stages (skipping complete ones), then regroup, training, eval and the report.
+
+Rendering refuses any value that could break out of its place in the script (a line break in
+run_dir, a space in an #SBATCH value: a ConfigError names the key) and creates the job's log
+folder (RUN/slurm/, and that of slurm.output), which Slurm opens before the script can.
 
 ``python -m megaclass.pipelines.slurm wait-ray --nodes N`` is the small helper the Ray
 scripts use to wait until all nodes have joined.
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import socket
 import string
@@ -63,6 +68,84 @@ def tasks_per_node(cfg: RunConfig) -> int:
     return s.gpus_per_node if s.gpus_per_node > 0 else 1
 
 
+# Every value that enters a script is checked before anything is rendered (docs/reliability.md):
+# - no value may hold a line break or other control character (a tab is fine): one would end
+#   the #SBATCH line or comment it sits in and start a line of the attacker's choosing;
+# - a value inside an #SBATCH line must also be plain: sbatch splits those lines at whitespace
+#   and reads quotes itself, so a space would smuggle in another option;
+# - values in shell positions (slurm.python, run_dir, slurm.ray_temp_root) are shlex-quoted,
+#   and slurm.setup lines are shell code by design (the user's own).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+# characters allowed in #SBATCH values (regex class bodies) and how messages name them
+_PLAIN = ("A-Za-z0-9_.,:/=@+-", "letters, digits and _.,:/=@+-")
+# --output may also hold Slurm's %x/%j/... filename patterns
+_OUTPUT = ("A-Za-z0-9_.,:/=@+%-", "letters, digits, % and _.,:/=@+-")
+# extra options may also hold node lists and constraint expressions: --exclude=node[01-04],
+# --constraint=a100|h100, --array=0-15%4
+_EXTRA = ("A-Za-z0-9_.,:/=@+%\\[\\]|&*-", "letters, digits and _.,:/=@+-%[]|&*")
+
+
+def _one_line(key: str, value: str) -> None:
+    """A value that enters the script anywhere: no line breaks or control characters."""
+    m = _CONTROL.search(value)
+    if m:
+        raise ConfigError(
+            f"{key}: must be one line without control characters (a line break would start a "
+            f"script line of its own); {value!r} holds {m.group()!r}"
+        )
+
+
+def _sbatch_value(
+    key: str, value: str, allowed: tuple[str, str], option: bool = False, why: str = ""
+) -> None:
+    """A value that ends up inside an ``#SBATCH`` line (``option``: a whole ``--name=value``)."""
+    _one_line(key, value)
+    bad = sorted({c for c in value if not re.fullmatch(f"[{allowed[0]}]", c)})
+    if bad or not value or (option and not value.startswith("-")):
+        found = f"found {' '.join(map(repr, bad))}" if bad else "it must be non-empty"
+        if not bad and option and value:
+            found = "it must be one sbatch option starting with '-' ('--name=value' or '--flag')"
+        raise ConfigError(
+            f"{key}: {value!r} goes into an #SBATCH line{why}, where only {allowed[1]} are "
+            f"accepted (sbatch splits the line at whitespace and reads quotes itself); {found}"
+        )
+
+
+def _check_values(cfg: RunConfig, run_dir: str, config_path: str | None) -> None:
+    """Refuse every value that could break out of its place in the script (see above)."""
+    s = cfg.slurm
+    _one_line("run_dir", run_dir)
+    if config_path is not None:
+        _one_line("config path (the CONFIG argument)", config_path)
+    for name in ("python", "ray_temp_root"):
+        _one_line(f"slurm.{name}", getattr(s, name))
+    for i, line in enumerate(s.setup):
+        _one_line(f"slurm.setup[{i}]", line)
+    for name in ("job_name", "partition", "account", "qos", "mem", "time"):
+        v = getattr(s, name)
+        if v is not None:
+            _sbatch_value(f"slurm.{name}", v, _PLAIN)
+    if s.output is not None:
+        _sbatch_value("slurm.output", s.output, _OUTPUT)
+        if "%" in os.path.dirname(s.output):
+            raise ConfigError(
+                f"slurm.output: {s.output!r} has a % pattern in its folder; Slurm opens the log "
+                "before the script runs and creates no folders, so the folder must be fixed"
+            )
+    else:
+        why = " (the default log path RUN/slurm/%x-%j.out; or set slurm.output)"
+        _sbatch_value("run_dir", run_dir, _PLAIN, why=why)
+    for i, extra in enumerate(s.extra_sbatch):
+        _sbatch_value(f"slurm.extra_sbatch[{i}]", _strip_sbatch(extra), _EXTRA, option=True)
+
+
+def _strip_sbatch(extra: str) -> str:
+    extra = extra.strip()
+    if extra.startswith("#SBATCH"):
+        extra = extra[len("#SBATCH") :].strip()
+    return extra
+
+
 def _check(cfg: RunConfig, stage: str) -> None:
     s = cfg.slurm
     if stage not in STAGES:
@@ -76,13 +159,6 @@ def _check(cfg: RunConfig, stage: str) -> None:
         raise ConfigError(f"slurm.tasks_per_node: must be >= 1, got {s.tasks_per_node}")
     if not 1024 <= s.ray_port_base <= 65535 - 15000:
         raise ConfigError(f"slurm.ray_port_base: must be in 1024..50535, got {s.ray_port_base}")
-    for name in ("job_name", "partition", "account", "qos", "mem", "time", "output", "python"):
-        v = getattr(s, name)
-        if v is not None and ("\n" in v or "\r" in v):
-            raise ConfigError(f"slurm.{name}: must be a single line, got {v!r}")
-    for i, line in enumerate([*s.extra_sbatch, *s.setup]):
-        if "\n" in line:
-            raise ConfigError(f"slurm.extra_sbatch/setup item {i}: one line per item, got {line!r}")
     if not s.python.strip():
         raise ConfigError("slurm.python: empty")
     if stage in (*RAY_STAGES, "run") and (cfg.ray.num_cpus or cfg.ray.object_store_memory):
@@ -113,11 +189,7 @@ def _sbatch_lines(cfg: RunConfig, stage: str, run_dir: Path) -> str:
     lines.append("--open-mode=append")
     if s.requeue:
         lines += ["--requeue", f"--signal=B:USR1@{s.signal_seconds}"]
-    for extra in s.extra_sbatch:
-        extra = extra.strip()
-        if extra.startswith("#SBATCH"):
-            extra = extra[len("#SBATCH") :].strip()
-        lines.append(extra)
+    lines += [_strip_sbatch(extra) for extra in s.extra_sbatch]
     return "\n".join(f"#SBATCH {x}" for x in lines)
 
 
@@ -177,7 +249,12 @@ def _body(cfg: RunConfig, stage: str) -> str:
             "  stop_ray",
             "fi",
         ]
+    regroup_done = _done("$RUN_DIR", "regroup")
     lines += [
+        # labels per training shard (by key, when they were assigned on other files): no Ray
+        f"if [ ! -f {regroup_done} ]; then",
+        f'  run_step TERM {regroup_done} {py} -m megaclass.pipelines.run "$CONFIG" --stages regroup',
+        "fi",
         f"if [ ! -f {train_done} ]; then train_ranks; fi",
         f'run_step TERM "" {py} -m megaclass.pipelines.run "$CONFIG" --stages eval,report',
         'log "finished; report in $RUN_DIR"',
@@ -186,15 +263,29 @@ def _body(cfg: RunConfig, stage: str) -> str:
     return "\n".join(lines)
 
 
-def render(cfg: RunConfig, stage: str, config_path: str | Path | None = None) -> str:
+def render(
+    cfg: RunConfig,
+    stage: str,
+    config_path: str | Path | None = None,
+    *,
+    make_log_dirs: bool = True,
+) -> str:
     """The sbatch script for ``stage`` (embed|cluster|assign|train|run) as a string.
 
     ``config_path`` is only quoted in the header comment: the resolved ``cfg`` itself is
     embedded in the script (written to ``RUN/slurm/config-$SLURM_JOB_ID.yaml`` at start).
+
+    Every value that enters the script is checked first (:func:`_check_values`): a
+    :class:`ConfigError` names the key. ``make_log_dirs`` creates the folder of the job's
+    ``#SBATCH --output`` log (``RUN/slurm/``, and the folder of ``slurm.output`` when set) now,
+    saying so on stderr: Slurm opens that log before the script runs and creates no folders, so
+    the first job of a fresh run directory would otherwise fail without any log.
     """
     _check(cfg, stage)
     s = cfg.slurm
+    _one_line("run_dir", cfg.run_dir)  # before resolve(), which refuses NUL bytes on its own
     run_dir = Path(cfg.run_dir).resolve()
+    _check_values(cfg, str(run_dir), None if config_path is None else str(config_path))
     # the embedded config names the absolute run dir, so the job works from any directory
     cfg = _with_run_dir(cfg, str(run_dir))
     auth = ""
@@ -211,7 +302,7 @@ def render(cfg: RunConfig, stage: str, config_path: str | Path | None = None) ->
     values = {
         "stage": stage,
         "run_dir_comment": str(run_dir),
-        "config_comment": str(config_path) if config_path else "CONFIG",
+        "config_comment": shlex.quote(str(config_path)) if config_path else "CONFIG",
         "job_name": f"{s.job_name}-{stage}",
         "sbatch_lines": _sbatch_lines(cfg, stage, run_dir),
         "setup_lines": "\n".join(setup),
@@ -235,7 +326,39 @@ def render(cfg: RunConfig, stage: str, config_path: str | Path | None = None) ->
     if stage in ("train", "run"):
         parts.append(_template("train.sh.tmpl").substitute(values))
     parts.append(_body(cfg, stage))
-    return "".join(parts)
+    script = "".join(parts)
+    if make_log_dirs:
+        make_log_folders(cfg, run_dir)
+    return script
+
+
+def log_folders(cfg: RunConfig, run_dir: Path) -> list[Path]:
+    """The folders that must exist before the job starts: RUN/slurm/ (the default log, the
+    embedded config, the Ray token) and the folder of ``slurm.output`` when it is set (a
+    relative one is relative to where sbatch runs: taken here as the current directory)."""
+    folders = [run_dir / "slurm"]
+    if cfg.slurm.output:
+        folders.append(Path(cfg.slurm.output).absolute().parent)
+    return folders
+
+
+def make_log_folders(cfg: RunConfig, run_dir: Path) -> list[Path]:
+    """Create :func:`log_folders` and say so on stderr; returns the folders created."""
+    created = []
+    for folder in log_folders(cfg, run_dir):
+        if folder.is_dir():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        created.append(folder)
+        note = ""
+        if folder != run_dir / "slurm" and not Path(cfg.slurm.output or "/").is_absolute():
+            note = f"; slurm.output is relative: run sbatch from {Path.cwd()}"
+        print(
+            f"megaclass slurm: created {folder} for the job log (Slurm opens #SBATCH --output "
+            f"before the script runs and creates no folders){note}",
+            file=sys.stderr,
+        )
+    return created
 
 
 def _with_run_dir(cfg: RunConfig, run_dir: str) -> RunConfig:

@@ -6,6 +6,13 @@ batch script with the SLURM_* job variables (and runs it again when the script c
 as local processes with SLURM_PROCID/SLURM_LOCALID/SLURM_NODEID/SLURM_NTASKS set and relays
 signals to them, as real srun does; ``scontrol show hostnames`` expands a comma list.
 State and logs go to $STANDIN_DIR. ``install(bin_dir)`` writes the executables.
+
+Failures are Slurm's too. ``sbatch`` refuses a script file it cannot open ("sbatch: error:
+Unable to open file ...", exit 1, no job) but, like real sbatch, does not look at the
+``--output`` path: that is opened on the node when the job starts, and Slurm creates no
+folders, so a job whose log folder is missing fails before its script runs and leaves no log
+(slurmstepd's "Could not open stdout file" goes to the node's log: $STANDIN_DIR/slurmd.err;
+the job's end is recorded in ``job-state``, FAILED, and the script never starts).
 """
 
 from __future__ import annotations
@@ -17,6 +24,10 @@ SBATCH = r"""
 import os, re, subprocess, sys
 state = os.environ["STANDIN_DIR"]
 script = sys.argv[-1]
+try:
+    open(script).close()
+except OSError:
+    sys.exit(f"sbatch: error: Unable to open file {script}")
 job_id = os.environ.get("STANDIN_JOB_ID", str(os.getpid()))
 subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "standin-slurmd"), job_id, script],
                  start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -33,10 +44,15 @@ text = open(script).read()
 opts = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(.*))?$", text, re.M))
 name = opts.get("job-name", "job")
 out = opts.get("output", f"slurm-{job_id}.out").replace("%x", name).replace("%j", job_id)
-os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
 nodelist = os.environ.get("STANDIN_NODELIST", "localhost")
 restart = 0
 while True:
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        # as slurmstepd: the log is opened before the script starts; no folder, no job
+        with open(os.path.join(state, "slurmd.err"), "a") as f:
+            f.write(f"slurmstepd: error: Could not open stdout file {out}: No such file or directory\n")
+        open(os.path.join(state, "job-state"), "w").write("FAILED")
+        break
     env = dict(os.environ, SLURM_JOB_ID=job_id, SLURM_JOB_NAME=name, SLURM_JOB_NODELIST=nodelist,
                SLURM_NNODES=str(len(nodelist.split(","))), SLURM_RESTART_COUNT=str(restart),
                SLURM_SUBMIT_DIR=os.getcwd())
@@ -51,6 +67,7 @@ while True:
     if os.path.exists(os.path.join(state, f"requeue-{restart}")) and restart < max_restarts:
         restart += 1
         continue
+    open(os.path.join(state, "job-state"), "w").write("COMPLETED" if rc == 0 else "FAILED")
     break
 open(os.path.join(state, "finished"), "w").write(str(restart))
 """

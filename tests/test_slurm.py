@@ -79,7 +79,8 @@ def test_rendered_scripts_pass_bash_n_and_shellcheck(tmp_path, stage):
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_load_and_render(tmp_path, config):
+def test_shipped_configs_load_and_render(tmp_path, config, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # their run_dir is relative: its slurm/ log folder lands here
     cfg = load_config(config)
     for stage in STAGES:
         f = tmp_path / f"{stage}.sbatch"
@@ -125,6 +126,34 @@ def test_cli_writes_script(tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "#SBATCH --nodes=3" in out.read_text().splitlines()
+    # the log folder exists before any job does (Slurm opens --output before the script runs)
+    logs = (tmp_path / "run" / "slurm").resolve()
+    assert logs.is_dir() and f"megaclass slurm: created {logs} for the job log" in res.stderr
+
+
+def test_cli_printing_the_script_creates_the_log_folders_too(tmp_path):
+    _, path = _cfg(tmp_path, output=str(tmp_path / "logs" / "deep" / "%x-%j.out"))
+    res = subprocess.run(
+        [PY, "-m", "megaclass.pipelines.cli", "slurm", str(path), "--stage", "train"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("#!/bin/bash\n")  # stdout is the script alone
+    assert f"#SBATCH --output={tmp_path / 'logs' / 'deep' / '%x-%j.out'}" in res.stdout
+    for folder in (tmp_path / "run" / "slurm", tmp_path / "logs" / "deep"):
+        assert folder.is_dir() and f"created {folder.resolve()} " in res.stderr
+    again = subprocess.run(
+        [PY, "-m", "megaclass.pipelines.cli", "slurm", str(path), "--stage", "train"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert again.returncode == 0 and "created" not in again.stderr  # said only when it did
+
+
+def test_output_folder_with_a_slurm_pattern_is_refused(tmp_path):
+    cfg, _ = _cfg(tmp_path, output=str(tmp_path / "logs-%j" / "x.out"))
+    with pytest.raises(ConfigError, match=r"slurm\.output: .* % pattern in its folder"):
+        render(cfg, "train", None)
+    assert not (tmp_path / "run").exists()  # a refused config creates nothing
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,6 +309,79 @@ def test_train_script_wiring_ranks_usr1_requeue_resume_with_a_stand_in_trainer(t
     assert seen == sorted(want)
     text = out.read_text()
     assert "USR1: sending USR1" in text and text.count("requeueing job") == 1
+
+
+def _done_probe(bin_dir: Path, run: Path) -> Path:
+    """A python stand-in whose "training" just writes RUN/train/_SUCCESS.json."""
+    probe = bin_dir / "python-done"
+    probe.write_text(
+        "#!/bin/bash\n"
+        'if [ "$2" = megaclass.pipelines.train ]; then\n'
+        f'  mkdir -p "{run}/train" && echo "{{}}" > "{run}/train/_SUCCESS.json"; exit 0\n'
+        "fi\n"
+        f'exec {PY} "$@"\n'
+    )
+    probe.chmod(0o755)
+    return probe
+
+
+def _submit_fresh(tmp_path: Path, make_log_dirs: bool, capsys) -> tuple[Path, Path, str]:
+    run = tmp_path / "fresh" / "run"  # nothing of it exists yet: a brand-new run
+    state = tmp_path / "state"
+    state.mkdir()
+    bin_dir = slurm_standins.install(tmp_path / "bin")
+    cfg, _ = _cfg(
+        tmp_path, nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=1, setup=[],
+        extra_sbatch=[], python=str(_done_probe(bin_dir, run)),
+    )  # fmt: skip
+    cfg.run_dir = str(run)
+    script = tmp_path / "train.sbatch"
+    script.write_text(render(cfg, "train", None, make_log_dirs=make_log_dirs))
+    stderr = capsys.readouterr().err
+    env = _clean_env(bin_dir, state, STANDIN_JOB_ID="777", STANDIN_NODELIST="localhost")
+    job = _Job(script, env, state)
+    try:
+        _wait_for(lambda: (state / "finished").exists(), 60, "the job", [state / "slurmd.err"])
+    finally:
+        job.kill_all()
+    return run, state, stderr
+
+
+def test_first_job_of_a_fresh_run_dir_runs_and_logs(tmp_path, capsys):
+    """Rendering creates RUN/slurm/, so the job's log opens and the script runs."""
+    run, state, stderr = _submit_fresh(tmp_path, True, capsys)
+    assert f"created {run.resolve() / 'slurm'} for the job log" in stderr
+    assert (state / "job-state").read_text() == "COMPLETED"
+    assert (state / "batch-0.rc").read_text() == "0"
+    log = (run / "slurm" / "megaclass-train-777.out").read_text()
+    assert "job 777 (train)" in log and "done:" in log
+    assert (run / "train" / "_SUCCESS.json").exists()
+
+
+def test_stand_in_fails_a_job_whose_log_folder_is_missing_like_slurm(tmp_path, capsys):
+    """What the old renderer led to: sbatch accepts the job, which then fails on the node
+    before its script starts, leaving no log at all (only slurmstepd's error in the node log)."""
+    run, state, _ = _submit_fresh(tmp_path, False, capsys)
+    assert (state / "job-state").read_text() == "FAILED"
+    assert not (state / "batch-0.pid").exists()  # the script never started
+    assert not (run / "slurm").exists() and not (run / "train").exists()
+    err = (state / "slurmd.err").read_text()
+    want = f"Could not open stdout file {run.resolve()}/slurm/megaclass-train-777.out"
+    assert f"slurmstepd: error: {want}: No such file or directory" in err
+
+
+def test_stand_in_sbatch_refuses_a_script_it_cannot_open(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    bin_dir = slurm_standins.install(tmp_path / "bin")
+    res = subprocess.run(
+        ["sbatch", str(tmp_path / "missing.sbatch")],
+        env=_clean_env(bin_dir, state), capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.strip() == f"sbatch: error: Unable to open file {tmp_path / 'missing.sbatch'}"
+    time.sleep(0.5)
+    assert list(state.iterdir()) == []  # no job was started
 
 
 def _tiny_train_run(root: Path):

