@@ -88,6 +88,10 @@ class AssignConfig:
     """Method 'hnsw': efSearch (candidate list size at query time)."""
     num_cpus_per_actor: float = 1.0
     """CPUs reserved per assignment actor."""
+    actor_crash_retries: int = 2
+    """Times Ray restarts an assignment actor, and retries the shard whose process died, before
+    the stage fails with Ray's error; Ray's default is unlimited (a crashing shard would be
+    retried forever)."""
     key_shard_digits: int | None = None
     """Regroup stage: digits of the shard number at the start of img2dataset keys
     ('000120034' = shard 00012, sample 0034 -> 5). None: the width of the training shard names."""

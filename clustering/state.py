@@ -4,7 +4,8 @@ Each file holds the centroids after that iteration, the iteration number, the ob
 history, the RNG state (JSON of numpy's bit-generator state) and a fingerprint of the run
 (data + parameters). A restart resumes from the newest file with the same fingerprint; since
 an iteration is a deterministic function of (centroids, RNG state, data), the resumed run ends
-with the same centroids as an uninterrupted one. Files are written atomically.
+with the same centroids as an uninterrupted one. Files are written atomically and durably
+(core/atomic.py fsyncs the data before the rename and the folder after it).
 """
 
 from __future__ import annotations

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from megaclass.core.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value or key is invalid; the message names the dotted key."""
 
 

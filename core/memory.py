@@ -14,12 +14,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megaclass.core.errors import UserError
+
 log = logging.getLogger(__name__)
 
 GB = 1e9
 
 
-class MemoryBudgetError(RuntimeError):
+class MemoryBudgetError(UserError, RuntimeError):
     """A stage's memory estimate exceeds the memory available; the message names the keys."""
 
 

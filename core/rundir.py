@@ -7,15 +7,23 @@ A stage reads only the previous stage's folder and writes only its own; a per-sh
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from megaclass.core import lock as _lock
 from megaclass.core.atomic import write_json_atomic, write_text_atomic
 from megaclass.core.config import config_to_dict, dump_config
+from megaclass.core.errors import UserError
 from megaclass.core.stages import MARKED, SUCCESS, stage
+
+log = logging.getLogger(__name__)
 
 STAGES = MARKED  # the stages with a success marker, in pipeline order
 
@@ -23,7 +31,12 @@ STAGES = MARKED  # the stages with a success marker, in pipeline order
 _NOT_COMPARED = ("run_dir", "slurm", "ray")
 
 
-class ConfigChangedError(RuntimeError):
+# Files in stage folders that are no stage output: a killed writer's temporary, the embed
+# stage's report of shards that all failed (a run that failed on its inputs made no progress).
+_NOT_OUTPUT_PREFIXES = (".tmp-", "_FAILED")
+
+
+class ConfigChangedError(UserError, RuntimeError):
     """The run directory was created with a different config; resuming needs --force."""
 
 
@@ -73,10 +86,16 @@ class RunDir:
 
     # --- config ------------------------------------------------------------------------
     def write_config(self, cfg: Any, force: bool = False) -> None:
-        """Write RUN/config.yaml once; a different config on resume is refused unless forced.
+        """Write RUN/config.yaml; a different config on resume is refused unless forced.
 
         ``run_dir`` itself is not compared (the same run may be reached by another path), nor
         are the ``slurm`` and ``ray`` sections: where a run executes does not change its results.
+
+        The file is provisional until a stage has produced output (:meth:`has_stage_output`):
+        a first run that failed on its inputs (a wrong shard path, ``cluster.k`` above the
+        sample) must not lock its config against the corrected retry, so a different config
+        then replaces it, with a warning. Once any stage has written output, results would mix
+        two configs: refused unless forced.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         new = config_to_dict(cfg)
@@ -86,14 +105,49 @@ class RunDir:
                 {k: v for k, v in old.items() if k not in _NOT_COMPARED},
                 {k: v for k, v in new.items() if k not in _NOT_COMPARED},
             )
-            if diffs:
-                shown = "; ".join(diffs[:10])
+            if not diffs:
+                return
+            shown = "; ".join(diffs[:10])
+            output = self.has_stage_output()
+            if output is not None:
                 raise ConfigChangedError(
-                    f"{self.config_path} was written with a different config ({shown}). "
-                    "Use a new run directory, or pass --force to resume with the new config."
+                    f"{self.config_path} was written with a different config ({shown}), and "
+                    f"the run has output made with it ({output}). Use a new run directory, or "
+                    "pass --force to resume with the new config."
                 )
-            return
+            log.warning(
+                "%s: replacing the config of an earlier attempt that produced no stage output (%s)",
+                self.config_path,
+                shown,
+            )
         write_text_atomic(self.config_path, dump_config(cfg))
+
+    def has_stage_output(self) -> Path | None:
+        """The first file a stage wrote in its folders, or None while no stage has output.
+
+        Not output: temporaries of a killed writer (``.tmp-*``) and ``_FAILED*`` reports.
+        Folders that exist but hold nothing else do not count either.
+        """
+        seen: set[str] = set()
+        for name in MARKED:
+            for sub in stage(name).folders:
+                if not sub or sub in seen:
+                    continue
+                seen.add(sub)
+                found = _first_file(self.root / sub)
+                if found is not None:
+                    return found
+        return None
+
+    # --- lock ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, command: str | None = None) -> Iterator[_lock.RunLock | None]:
+        """Hold this run directory for the block (``core/lock.py``): the exclusive lock for a
+        command or rank 0, the shared rank lock for ranks launched by the holder, nothing for
+        other ranks of an external launcher. Reentrant; raises RunDirLockedError naming the
+        holder."""
+        with _lock.for_process(self.root, command) as lk:
+            yield lk
 
     # --- stage markers --------------------------------------------------------------------
     def folder(self, name: str) -> Path:
@@ -148,6 +202,27 @@ class RunDir:
     @staticmethod
     def write_done(stage_dir: Path, stem: str, record: dict[str, Any]) -> None:
         write_json_atomic(RunDir.done_path(stage_dir, stem), record)
+
+
+def _first_file(folder: Path) -> Path | None:
+    """Depth-first: the first regular file under ``folder`` that is stage output."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    dirs = []
+    for e in entries:
+        if e.name.startswith(_NOT_OUTPUT_PREFIXES):
+            continue
+        if e.is_file(follow_symlinks=False):
+            return Path(e.path)
+        if e.is_dir(follow_symlinks=False):
+            dirs.append(e.path)
+    for d in sorted(dirs):
+        found = _first_file(Path(d))
+        if found is not None:
+            return found
+    return None
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

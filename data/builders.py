@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 from megaclass.core.atomic import write_json_atomic
+from megaclass.core.errors import UserError
 from megaclass.data.demo_render import demo_classes, render_sample
 from megaclass.data.reader import ImageRejected, open_image, to_rgb
 from megaclass.data.stats import SampleStats
@@ -59,7 +60,7 @@ FASHION_CLASSES = (
 )
 
 
-class DatasetUnavailableError(FileNotFoundError):
+class DatasetUnavailableError(UserError, FileNotFoundError):
     """The system package a builder reads from is not installed."""
 
 

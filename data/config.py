@@ -23,6 +23,11 @@ class DataConfig:
     command on every node; 'pipe:' URLs written into data.shards itself are always allowed."""
     max_image_pixels: int = 64_000_000
     """Images with more pixels than this are skipped as decompression bombs (reason 'too_many_pixels')."""
+    max_caption_bytes: int = 65536
+    """Captions longer than this (UTF-8 bytes) are cut at a character boundary and counted
+    ('caption_truncated'); only this much of a .txt member is read into memory."""
+    max_json_bytes: int = 1048576
+    """Samples whose .json member is larger than this are skipped unread (reason 'json_too_large')."""
     class_field: str = "class"
     """Key in each sample's json holding the ground-truth class (used by eval and cluster quality)."""
     image_size: int = 224

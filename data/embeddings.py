@@ -1,6 +1,9 @@
-"""Reading and checking embedding folders (the embed stage's output, or LAION's published layout).
+"""Embedding folders (the embed stage's output, or LAION's layout): written, read and checked.
 
-Layout (contracts.md)::
+The embed stage writes these folders and the cluster, assign and regroup stages read them, so
+the format has one owner: this module holds both sides, and a change to the layout is made here.
+
+Layout (docs/architecture.md, "The run directory")::
 
     EMBED/img_emb/<stem>.npy        float16/float32 (n, d_img), L2-normalised
     EMBED/text_emb/<stem>.npy       (n, d_txt), optional
@@ -18,21 +21,33 @@ normalise(normalise(img) + normalise(txt)) when both have the same width; when t
 cosines, which is what averaging would give for aligned spaces.
 
 Arrays are opened memory-mapped so that the cluster stage can stream row subsets of huge shards
-without reading whole files.
+without reading whole files. :func:`write_embeddings_shard` writes a stem all or nothing: every
+file under a temporary ``.tmp-*`` name in its folder first, then the renames, and on any failure
+(a disk that fills up, a value the parquet writer refuses) no file of the stem is left; the
+``_done`` record, which makes a stem count, is written after them by the embed stage.
+
+Keys: the metadata's ``key`` column; clip-retrieval's metadata has none but an ``image_path``,
+whose file name without extension is the img2dataset key (:func:`key_from_path`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from megaclass.core.atomic import atomic_path, fsync_dir
+from megaclass.core.errors import UserError
 
 FEATURES = ("image", "text", "mean")
 _LAION_PREFIX = "metadata_"
 
 
-class EmbeddingsError(ValueError):
+class EmbeddingsError(UserError, ValueError):
     """An embedding folder or file is malformed; the message names the file (and key/row)."""
 
 
@@ -47,6 +62,85 @@ def _npy_path(embed_dir: Path, kind: str, stem: str) -> Path:
 
 def metadata_path(embed_dir: str | Path, stem: str) -> Path:
     return Path(embed_dir) / "metadata" / f"{stem}.parquet"
+
+
+def key_from_path(paths: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """img2dataset key from a path such as clip-retrieval's ``image_path`` column
+    (``/data/laion/00012/000120034.jpg`` or ``00012.tar/000120034.jpg`` -> ``000120034``):
+    the file name without its extension."""
+    names = pc.replace_substring_regex(pc.cast(paths, pa.string()), r"^.*[/\\]", "")
+    return pc.replace_substring_regex(names, r"\.[^.]*$", "")
+
+
+def _shard_files(embed_dir: Path, stem: str) -> list[Path]:
+    """The files :func:`write_embeddings_shard` writes for ``stem`` (our naming)."""
+    return [
+        embed_dir / "img_emb" / f"{stem}.npy",
+        embed_dir / "text_emb" / f"{stem}.npy",
+        metadata_path(embed_dir, stem),
+    ]
+
+
+def remove_embeddings_shard(embed_dir: str | Path, stem: str) -> None:
+    """Delete every file of ``stem`` (absent ones are fine), durably.
+
+    Why: a stem whose write failed must not keep some of its files (an ``img_emb`` without its
+    metadata, or last run's metadata beside this run's vectors).
+    """
+    for path in _shard_files(Path(embed_dir), stem):
+        if path.exists():
+            path.unlink(missing_ok=True)
+            fsync_dir(path.parent)
+
+
+def write_embeddings_shard(
+    embed_dir: str | Path,
+    stem: str,
+    img: np.ndarray,
+    txt: np.ndarray | None,
+    metadata: dict[str, list],
+    before_file: Callable[[str], None] | None = None,
+) -> None:
+    """Write one stem's ``img_emb``, ``text_emb`` (when ``txt`` is given) and ``metadata`` files,
+    all or nothing.
+
+    Arrays are stored as float16 (the readers widen to float32). ``metadata`` holds string
+    columns in file order and must include ``key``, one entry per row. Every file is written and
+    fsynced under a temporary name first; only when all are written are they renamed into place
+    (metadata last). If anything fails (the disk fills up, the parquet writer refuses a value),
+    the temporaries are removed, and so is every file of the stem already in place (an older
+    version's included), and the error propagates: the stem then has no files at all. The
+    caller writes its completion marker after this returns.
+
+    ``before_file`` is called with each file's kind (``img_emb``, ``text_emb``, ``metadata``)
+    before that file is written: the embed stage's fault injection for the tests of this path.
+    """
+    embed_dir = Path(embed_dir)
+    if "key" not in metadata:
+        raise EmbeddingsError(f"{metadata_path(embed_dir, stem)}: metadata needs a 'key' column")
+    hook = before_file or (lambda kind: None)
+    img_path, txt_path, meta_path = _shard_files(embed_dir, stem)
+    try:
+        # built before any file: a value Arrow refuses (not UTF-8) leaves nothing behind
+        table = pa.table({name: pa.array(col, pa.string()) for name, col in metadata.items()})
+        with contextlib.ExitStack() as stack:
+            # each atomic_path renames on a clean exit, in reverse order of entry (metadata
+            # last) and not at all when the block raises: then it removes its temporary
+            meta_tmp = stack.enter_context(atomic_path(meta_path, suffix=".parquet"))
+            txt_tmp = None
+            if txt is not None:
+                txt_tmp = stack.enter_context(atomic_path(txt_path, suffix=".npy"))
+            img_tmp = stack.enter_context(atomic_path(img_path, suffix=".npy"))
+            hook("img_emb")
+            np.save(img_tmp, img.astype(np.float16), allow_pickle=False)
+            if txt is not None and txt_tmp is not None:
+                hook("text_emb")
+                np.save(txt_tmp, txt.astype(np.float16), allow_pickle=False)
+            hook("metadata")
+            pq.write_table(table, meta_tmp)
+    except BaseException:
+        remove_embeddings_shard(embed_dir, stem)
+        raise
 
 
 def list_stems(embed_dir: str | Path) -> list[str]:
@@ -80,9 +174,21 @@ def open_array(embed_dir: str | Path, stem: str, kind: str) -> np.ndarray | None
 
 
 def read_keys(embed_dir: str | Path, stem: str) -> list[str]:
+    """The keys of a stem in row order: the ``key`` column, else keys derived from
+    ``image_path`` (clip-retrieval's metadata, which has no ``key``; :func:`key_from_path`)."""
     path = metadata_path(embed_dir, stem)
     try:
+        names = pq.read_schema(path).names
+        if "key" not in names and "image_path" in names:
+            paths = pq.read_table(path, columns=["image_path"]).column("image_path")
+            if paths.null_count:
+                raise EmbeddingsError(
+                    f"{path}: {paths.null_count} rows have no image_path to derive a key from"
+                )
+            return [str(k) for k in key_from_path(paths).to_pylist()]
         table = pq.read_table(path, columns=["key"])
+    except EmbeddingsError:
+        raise
     except Exception as e:  # pyarrow raises several types for missing columns / bad files
         raise EmbeddingsError(f"{path}: cannot read column 'key' ({e})") from None
     return [str(k) for k in table.column("key").to_pylist()]
@@ -197,8 +303,10 @@ def validate_embeddings_dir(path: str | Path, check_rows: int = 1024) -> dict:
         except Exception as e:
             raise EmbeddingsError(f"{mpath}: not a readable parquet file ({e})") from None
         names = meta.schema_arrow.names
-        if "key" not in names:
-            raise EmbeddingsError(f"{mpath}: missing column 'key' (columns: {names})")
+        if "key" not in names and "image_path" not in names:
+            raise EmbeddingsError(
+                f"{mpath}: missing column 'key' (or 'image_path' to derive it; columns: {names})"
+            )
         has_class = has_class or "class" in names
         n = meta.metadata.num_rows
         img = open_array(path, stem, "img_emb")

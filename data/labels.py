@@ -18,15 +18,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from megaclass.core.atomic import atomic_path
+from megaclass.core.errors import UserError
 
 SHA_KEY = b"centroid_sha256"
 
 
-class LabelFileError(ValueError):
+class LabelFileError(UserError, ValueError):
     """A label sidecar that is missing columns or has inconsistent rows (names the file)."""
 
 
-class LabelShaMismatchError(ValueError):
+class LabelShaMismatchError(UserError, ValueError):
     """A label sidecar computed from other centroids than the ones expected.
 
     Constructed as ``LabelShaMismatchError(path, found, expected)``; a single argument is

@@ -11,10 +11,23 @@ Every problem with a sample is a *skip with a reason* in a :class:`SampleStats` 
 
 ``missing_image``, ``missing_caption``, ``bad_json`` (unparseable or not an object),
 ``too_many_pixels`` (checked from the header before any pixel is decoded),
-``undecodable_image``, ``duplicate_key``, ``oversized_file`` (a member over
-``max_file_bytes``, never read into memory), ``truncated_tar`` (the samples before the cut are
-kept, the one being assembled is counted), ``unreadable_shard`` (cannot be opened or is not
-a tar at all; counted once per shard).
+``undecodable_image``, ``unsupported_format`` (an image Pillow could read but the pipeline
+does not decode: only JPEG, PNG and WEBP, img2dataset's formats, ever reach a decoder, so an EPS
+named ``.jpg`` is never handed to Ghostscript), ``duplicate_key``, ``oversized_file`` (a member
+over ``max_file_bytes``, never read into memory), ``json_too_large`` (a ``.json`` over
+``max_json_bytes``, never read), ``bad_key`` (a member name that is not UTF-8: a raw byte that
+no parquet or JSON writer can store), ``bad_metadata`` (a json that parses but holds a lone
+surrogate such as ``"\\ud800"``, which no UTF-8 writer accepts), ``truncated_tar`` (the samples
+before the cut are kept, the one being assembled is counted), ``unreadable_shard`` (cannot be
+opened or is not a tar at all; counted once per shard).
+
+Why keys and metadata are checked here: one such sample used to reach the embed stage's parquet
+writer and fail its whole shard; checked per sample, it is one counted skip in every stage.
+
+Bounded memory per sample: only the members a stage uses (image extensions, ``txt``, ``json``)
+are read, others are passed over unread and noted (``ignored_member``); a caption is read up to
+``max_caption_bytes`` and cut at a character boundary when longer (noted ``caption_truncated``,
+the sample is kept). Notes do not enter the counting rule below (``data/stats.py``).
 
 Counting rule: every sample group (and every shard-level failure) adds one to
 ``stats.seen``; it then either adds one to ``stats.kept`` or one skip, so
@@ -41,8 +54,13 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt",)
 JSON_EXTS = ("json",)
+USED_EXTS = IMAGE_EXTS + CAPTION_EXTS + JSON_EXTS
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+"""Pillow formats that are decoded (img2dataset writes these); any other is ``unsupported_format``."""
 DEFAULT_MAX_PIXELS = 64_000_000
 DEFAULT_MAX_FILE_BYTES = 256 << 20
+DEFAULT_MAX_CAPTION_BYTES = 65536  # = DataConfig.max_caption_bytes
+DEFAULT_MAX_JSON_BYTES = 1 << 20  # = DataConfig.max_json_bytes
 
 
 @dataclass
@@ -91,18 +109,49 @@ def set_pixel_guard(max_pixels: int) -> None:
     Image.MAX_IMAGE_PIXELS = int(max_pixels)
 
 
+def sniff_format(data: bytes) -> str | None:
+    """The Pillow format whose signature check accepts ``data``'s first bytes, else None.
+
+    Only the plugins' ``accept`` prefix checks run (no header parsing, no decoder), so this is
+    safe on untrusted bytes; an allowed format (``IMAGE_FORMATS``) wins over any other.
+    """
+    Image.init()
+    prefix = data[:16]
+    for fmt in (*IMAGE_FORMATS, *Image.ID):
+        entry = Image.OPEN.get(fmt)
+        accept = entry[1] if entry else None
+        if accept is None:  # plugins without a signature check would claim any bytes
+            continue
+        try:
+            if accept(prefix):
+                return fmt
+        except Exception:  # a plugin's check failing on odd bytes means "not mine"
+            continue
+    return None
+
+
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Open (header only) and check the pixel count; raises :class:`ImageRejected`."""
+    """Open (header only) and check the pixel count; raises :class:`ImageRejected`.
+
+    Only ``IMAGE_FORMATS`` are tried: bytes in another format Pillow knows are
+    ``unsupported_format`` (found by signature alone, see :func:`sniff_format`) and never
+    reach that format's parser or decoder.
+    """
     if not data:
         raise ImageRejected("undecodable_image", "empty image file")
     set_pixel_guard(max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageRejected("too_many_pixels", str(e)) from None
     except Exception as e:  # PIL raises many types for garbage input
+        fmt = sniff_format(data)
+        if fmt is not None and fmt not in IMAGE_FORMATS:
+            raise ImageRejected(
+                "unsupported_format", f"{fmt} image; only {', '.join(IMAGE_FORMATS)} are decoded"
+            ) from None
         raise ImageRejected("undecodable_image", f"{type(e).__name__}: {e}") from None
     w, h = img.size
     if w <= 0 or h <= 0:
@@ -191,13 +240,51 @@ class _TailStream(io.RawIOBase):
 
 
 class _Group:
-    __slots__ = ("key", "files", "dup_ext", "oversized")
+    __slots__ = ("key", "files", "exts", "ignored", "dup_ext", "oversized", "json_large", "cut")
 
     def __init__(self, key: str) -> None:
         self.key = key
-        self.files: dict[str, bytes] = {}
+        self.files: dict[str, bytes] = {}  # the members that were read, by extension
+        self.exts: set[str] = set()  # used extensions seen (read or not), for duplicates
+        self.ignored: list[str] = []  # extensions no stage reads (passed over unread)
         self.dup_ext = ""
         self.oversized = ""
+        self.json_large = ""
+        self.cut = False  # the caption member is longer than max_caption_bytes
+
+
+def _utf8_ok(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _meta_ok(raw: bytes, meta: dict[str, Any]) -> bool:
+    """Whether parsed json ``meta`` can be written back as UTF-8.
+
+    The raw bytes were valid UTF-8, so a lone surrogate can only come from a ``\\u`` escape:
+    only then is the whole object serialised to check (cheap for the usual json).
+    """
+    if b"\\u" not in raw:
+        return True
+    try:
+        json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError, RecursionError):
+        return False
+    return True
+
+
+def _cut_utf8(data: bytes, limit: int) -> bytes:
+    """The first at most ``limit`` bytes of ``data``, not splitting a UTF-8 character."""
+    if len(data) <= limit:
+        return data
+    cut = limit
+    while cut > 0 and cut > limit - 3 and (data[cut] & 0xC0) == 0x80:
+        cut -= 1  # data[cut] continues a character that starts before the cut: drop it
+    return data[:cut]
 
 
 def _finish(
@@ -207,9 +294,13 @@ def _finish(
     seen_keys: set[str],
     max_pixels: int,
     decode: bool,
+    max_caption_bytes: int,
 ) -> Sample | None:
     """Validate one assembled group; count a skip and return None if it is bad."""
     stats.seen += 1
+    if not _utf8_ok(g.key):
+        stats.skip("bad_key", url, g.key, "member name is not valid UTF-8")
+        return None
     if g.key in seen_keys or g.dup_ext:
         detail = "key seen earlier in the shard" if g.key in seen_keys else f"two .{g.dup_ext}"
         stats.skip("duplicate_key", url, g.key, detail)
@@ -220,23 +311,36 @@ def _finish(
         return None
     ext = next((e for e in IMAGE_EXTS if e in g.files), "")
     if not ext:
-        stats.skip("missing_image", url, g.key, f"members: {sorted(g.files)}")
+        members = sorted(g.exts) + [f"{e} (ignored)" for e in g.ignored]
+        stats.skip("missing_image", url, g.key, f"members: {members}")
+        return None
+    if g.json_large:
+        stats.skip("json_too_large", url, g.key, g.json_large)
         return None
     meta: dict[str, Any] = {}
     if "json" in g.files:
+        raw = g.files["json"]
         try:
-            meta = json.loads(g.files["json"].decode("utf-8"))
+            meta = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as e:  # bad utf-8, bad json, absurd nesting
             stats.skip("bad_json", url, g.key, f"{type(e).__name__}: {e}")
             return None
         if not isinstance(meta, dict):
             stats.skip("bad_json", url, g.key, f"json is a {type(meta).__name__}, not an object")
             return None
+        if not _meta_ok(raw, meta):
+            stats.skip("bad_metadata", url, g.key, "json holds a lone surrogate (not UTF-8)")
+            return None
     caption = ""
+    cut = g.cut
     if "txt" in g.files:
-        caption = g.files["txt"].decode("utf-8", errors="replace").strip()
+        raw_caption = _cut_utf8(g.files["txt"], max_caption_bytes)
+        caption = raw_caption.decode("utf-8", errors="replace").strip()
     elif isinstance(meta.get("caption"), str):
-        caption = meta["caption"].strip()  # img2dataset also stores the caption in the json
+        # img2dataset also stores the caption in the json
+        encoded = meta["caption"].encode("utf-8")
+        cut = len(encoded) > max_caption_bytes
+        caption = _cut_utf8(encoded, max_caption_bytes).decode("utf-8").strip()
     if not caption:
         stats.skip("missing_caption", url, g.key, "no .txt and no json caption")
         return None
@@ -248,6 +352,8 @@ def _finish(
         stats.skip(e.reason, url, g.key, e.detail)
         return None
     stats.kept += 1
+    if cut:
+        stats.note("caption_truncated")
     return Sample(g.key, image, data, caption, meta, url, ext, None if decode else opened)
 
 
@@ -258,11 +364,15 @@ def iter_samples(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     decode: bool = True,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
 ) -> Iterator[Sample]:
     """Yield the good samples of one shard in tar order; count every bad one in ``stats``.
 
     A member larger than ``max_file_bytes`` is never read into memory; its sample is
-    skipped as ``oversized_file``.
+    skipped as ``oversized_file``. A ``.json`` over ``max_json_bytes`` is not read either
+    (``json_too_large``); of a ``.txt`` only ``max_caption_bytes`` (+1, to find the cut) are
+    read, whatever its size. Members of other extensions are passed over unread.
 
     With ``decode=False`` the image header is still checked (format recognised, pixel
     limit) but pixels are not decoded, so a later full decode can still fail with
@@ -278,6 +388,10 @@ def iter_samples(
     members = 0
     group: _Group | None = None
     seen_keys: set[str] = set()
+
+    def finish(g: _Group) -> Sample | None:
+        return _finish(g, url, stats, seen_keys, max_pixels, decode, max_caption_bytes)
+
     try:
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*", bufsize=1 << 16)
@@ -297,21 +411,35 @@ def iter_samples(
                     continue  # macOS resource forks and extension-less junk are not samples
                 if group is None or key != group.key:
                     if group is not None:
-                        sample = _finish(group, url, stats, seen_keys, max_pixels, decode)
+                        sample = finish(group)
                         if sample is not None:
                             yield sample
                     group = _Group(key)
-                if info.size > max_file_bytes:
-                    group.oversized = f"{name}: {info.size} bytes > {max_file_bytes}"
+                if ext not in USED_EXTS:
+                    group.ignored.append(ext)
+                    stats.note("ignored_member")
                     members += 1
                     continue  # tarfile skips the data without keeping it
+                if ext in group.exts:
+                    group.dup_ext = ext
+                group.exts.add(ext)
+                want = info.size
+                if ext in CAPTION_EXTS:
+                    want = min(info.size, max_caption_bytes + 1)  # +1: see where to cut
+                    group.cut = info.size > max_caption_bytes
+                elif ext in JSON_EXTS and info.size > max_json_bytes:
+                    group.json_large = f"{name}: {info.size} bytes > {max_json_bytes}"
+                    members += 1
+                    continue
+                elif info.size > max_file_bytes:
+                    group.oversized = f"{name}: {info.size} bytes > {max_file_bytes}"
+                    members += 1
+                    continue
                 f = tar.extractfile(info)
-                data = f.read() if f is not None else b""
-                if f is not None and len(data) != info.size:
+                data = f.read(want) if f is not None else b""
+                if f is not None and len(data) != want:
                     raise EOFError(f"member {info.name} cut short")
                 members += 1
-                if ext in group.files:
-                    group.dup_ext = ext
                 group.files[ext] = data
             if getattr(tar.fileobj, "comptype", "tar") == "tar":
                 stream.drain()
@@ -321,7 +449,7 @@ def iter_samples(
             cut_key = split_key(name)[0] if name else None
             if group is not None and cut_key is not None and cut_key != group.key:
                 # the cut is inside the next sample's member: the pending one is whole
-                sample = _finish(group, url, stats, seen_keys, max_pixels, decode)
+                sample = finish(group)
                 if sample is not None:
                     yield sample
                 group = _Group(cut_key)
@@ -332,7 +460,7 @@ def iter_samples(
             log.warning("%s in %s after %d members: %s", reason, url, members, e)
             return
         if group is not None:
-            sample = _finish(group, url, stats, seen_keys, max_pixels, decode)
+            sample = finish(group)
             if sample is not None:
                 yield sample
     finally:

@@ -36,6 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from megaclass.core.atomic import atomic_path, write_json_atomic
+from megaclass.core.errors import UserError
+from megaclass.data.embeddings import key_from_path  # noqa: F401  (moved there; re-exported)
 from megaclass.data.labels import fixed_width, read_label_sha, write_labels
 from tqdm import tqdm
 
@@ -45,7 +47,7 @@ EXAMPLES = 10
 """Example keys kept per mismatch kind in the summary."""
 
 
-class RegroupError(ValueError):
+class RegroupError(UserError, ValueError):
     """The labels cannot be regrouped as configured; the message names the key or file."""
 
 
@@ -269,11 +271,3 @@ def regroup_labels(
         tally.counts or "none",
     )
     return summary
-
-
-def key_from_path(paths: pa.Array) -> pa.Array:
-    """img2dataset key from a path such as clip-retrieval's ``image_path`` column
-    (``/data/laion/00012/000120034.jpg`` or ``00012.tar/000120034.jpg`` -> ``000120034``):
-    the file name without its extension."""
-    names = pc.replace_substring_regex(pc.cast(paths, pa.string()), r"^.*[/\\]", "")
-    return pc.replace_substring_regex(names, r"\.[^.]*$", "")

@@ -2,6 +2,11 @@
 
 Every stage that reads samples owns a :class:`SampleStats`, merges the workers' copies, and
 writes ``as_dict()`` into its ``_done`` records and the report.
+
+Two kinds of count: a *skip* (``REASONS``) drops a sample, and ``seen == kept + skipped`` holds
+after a shard is read; a *note* (``NOTES``) marks something changed or left out of a sample that
+is still used (a caption cut to ``data.max_caption_bytes``, a tar member of a kind no stage
+reads), so it is counted without taking part in that sum.
 """
 
 from __future__ import annotations
@@ -22,7 +27,26 @@ REASONS = (
     "unreadable_shard",
     "missing_label",
     "oversized_file",
+    "bad_key",  # the member name is not valid UTF-8 (a raw byte): no file format can store it
+    "bad_metadata",  # the json parses but holds text no UTF-8 writer accepts (a lone surrogate)
+    "unsupported_format",  # an image in a format the pipeline does not decode (GIF, BMP, EPS…)
+    "json_too_large",  # a .json member over data.max_json_bytes (never read into memory)
 )
+
+# Notes: counted, but the sample is kept (see the module docstring).
+NOTES = (
+    "caption_truncated",  # a caption over data.max_caption_bytes, cut at a character boundary
+    "ignored_member",  # a tar member whose extension no stage reads (never read into memory)
+)
+
+
+def printable(text: str) -> str:
+    """``text`` with lone surrogates (undecodable bytes of a file name) as ``\\udcff`` escapes.
+
+    Why: a key or detail taken from a damaged member name would otherwise make every later
+    UTF-8 write of the stats (JSON records, the report) fail on the example that explains it.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
@@ -34,6 +58,7 @@ class SampleStats:
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     skipped_by_shard: dict[str, Counter] = field(default_factory=dict)  # shard -> reason -> count
     examples: list[dict[str, str]] = field(default_factory=list)  # first few skips, for the report
+    noted: Counter = field(default_factory=Counter)  # note -> count (kept samples, see NOTES)
 
     max_examples: int = 20
 
@@ -42,8 +67,17 @@ class SampleStats:
         self.skipped_by_shard.setdefault(shard, Counter())[reason] += 1
         if len(self.examples) < self.max_examples:
             self.examples.append(
-                {"reason": reason, "shard": shard, "key": key or "", "detail": detail[:200]}
+                {
+                    "reason": reason,
+                    "shard": printable(shard),
+                    "key": printable(key or ""),
+                    "detail": printable(detail[:200]),
+                }
             )
+
+    def note(self, what: str, n: int = 1) -> None:
+        """Count ``n`` of note ``what`` (NOTES): nothing is skipped, ``seen``/``kept`` unchanged."""
+        self.noted[what] += n
 
     @property
     def total_skipped(self) -> int:
@@ -57,6 +91,7 @@ class SampleStats:
             self.skipped_by_shard.setdefault(shard, Counter()).update(c)
         room = self.max_examples - len(self.examples)
         self.examples.extend(other.examples[: max(room, 0)])
+        self.noted.update(other.noted)
         return self
 
     def as_dict(self) -> dict[str, Any]:
@@ -67,6 +102,7 @@ class SampleStats:
             "skipped_total": self.total_skipped,
             "skipped_by_shard": {s: dict(c) for s, c in self.skipped_by_shard.items()},
             "examples": list(self.examples),
+            "noted": dict(self.noted),
         }
 
     @classmethod
@@ -76,6 +112,7 @@ class SampleStats:
         for shard, c in d.get("skipped_by_shard", {}).items():
             s.skipped_by_shard[shard] = Counter(c)
         s.examples = list(d.get("examples", []))
+        s.noted.update(d.get("noted", {}))
         return s
 
     def summary(self) -> str:

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from megaclass.clustering.fault import maybe_die
 from megaclass.clustering.search import CentroidSearcher, Tree
 from megaclass.clustering.stats import size_stats
+from megaclass.core.errors import InputError, MissingInputError
 from megaclass.core.memory import MemoryPlan
 from megaclass.core.rundir import RunDir
 from megaclass.data.embeddings import fuse, list_stems, metadata_path, open_array, read_keys
@@ -173,16 +174,16 @@ def run_assign(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     cpath = rd.cluster / "centroids.npy"
     if not cpath.exists():
-        raise FileNotFoundError(f"{cpath}: no centroids; run the cluster stage first")
+        raise MissingInputError(f"{cpath}: no centroids; run the cluster stage first")
     sha = file_sha256(cpath)
     sha_file = rd.cluster / "centroids.sha256"
     if sha_file.exists() and sha_file.read_text().strip() != sha:
-        raise ValueError(f"{cpath}: sha256 {sha} differs from {sha_file}; the file changed")
+        raise InputError(f"{cpath}: sha256 {sha} differs from {sha_file}; the file changed")
     cshape = np.load(cpath, mmap_mode="r").shape
     k = int(cshape[0])
     memory_plan(cfg, k, int(cshape[1])).check(cfg.memory_check)
     if a.topk > k:
-        raise ValueError(f"assign.topk = {a.topk} exceeds the number of centroids {k}")
+        raise InputError(f"assign.topk = {a.topk} exceeds the number of centroids {k}")
     embed_dir = embeddings_dir_of(cfg)
     stems = list_stems(embed_dir)
     settings = _settings(cfg, sha)
@@ -214,6 +215,10 @@ def run_assign(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             compute=ray.data.ActorPoolStrategy(size=a.concurrency),
             num_cpus=a.num_cpus_per_actor,
             num_gpus=a.num_gpus_per_actor,
+            # Ray Data's defaults are -1 (forever): a shard that kills its actor would be retried
+            # without end; bounded, the stage fails with Ray's error instead
+            max_restarts=a.actor_crash_retries,
+            max_task_retries=a.actor_crash_retries,
             fn_constructor_kwargs={
                 "cfg": cfg,
                 "centroid_path": str(cpath),

@@ -2,16 +2,26 @@
 
 Each sub-command imports its stage lazily, so ``megaclass --help`` is instant and a stage's
 heavy dependencies (Ray, DeepSpeed) load only when that stage runs.
+
+Every command that writes a run directory holds its lock (core/lock.py) while it runs. A user
+error (core/errors.py: a bad config value, a missing input, a busy run directory) is printed as
+one line ``megaclass: <message>`` with exit status 2; ``--debug`` (or MEGACLASS_DEBUG=1) adds
+its traceback. Any other exception keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+import traceback
+from collections.abc import Callable
 
 from megaclass.core.config import ConfigError
-from megaclass.core.rundir import ConfigChangedError
+from megaclass.core.errors import debug_from_env, user_error_of
+from megaclass.core.lock import launcher_rank
+from megaclass.core.rundir import RunDir
 from megaclass.core.stages import STAGES, load_entry
 
 # sub-command -> "module:function"; each function takes (cfg: RunConfig, force: bool) -> dict.
@@ -20,6 +30,31 @@ STAGE_ENTRYPOINTS = {n: s.entry for n, s in STAGES.items() if s.help} | {
 }
 
 
+def user_error_message(exc: BaseException) -> str | None:
+    """The one line printed for a user error (None: not a user error, keep the traceback)."""
+    err = user_error_of(exc)
+    if err is None:
+        return None
+    return f"config error: {err}" if isinstance(err, ConfigError) else str(err)
+
+
+def run_guarded(fn: Callable[[], int], prog: str = "megaclass", debug: bool = False) -> int:
+    """Run ``fn``; a user error (core/errors.py) becomes ``prog: message`` on stderr and exit
+    status 2, with its traceback only when ``debug`` (``--debug`` or MEGACLASS_DEBUG=1).
+
+    Why: the message of a user error names the file or key to change; a traceback would only
+    bury it. Every other exception propagates with its traceback (a bug or a broken
+    environment, where the traceback is what helps)."""
+    try:
+        return int(fn() or 0)
+    except Exception as e:
+        msg = user_error_message(e)
+        if msg is None:
+            raise
+        if debug or debug_from_env():
+            traceback.print_exc()
+        print(f"{prog}: {msg}", file=sys.stderr)
+        return 2
 
 
 def _stage_parser(sub: argparse._SubParsersAction, name: str, help_: str) -> None:
@@ -33,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="megaclass",
         description="Pretrain retrieval encoders on clustered pseudo-classes (Unicom / MLCD).",
+    )
+    ap.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the Python traceback of user errors too (also MEGACLASS_DEBUG=1)",
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -48,10 +88,35 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="rebuild report.json/md/html from a run directory")
     r.add_argument("run_dir")
 
-    dd = sub.add_parser("data", help="build demo/evaluation shards")
-    dd.add_argument("dataset", choices=["demo", "openclipart", "fashion-mnist"])
+    dd = sub.add_parser(
+        "data",
+        help="build demo shards, or convert a benchmark archive (sop, cub, cars, inshop, "
+        "imagefolder) into shards",
+    )
+    # names only (a test keeps them equal to BUILDERS and CONVERTERS): --help imports no data code
+    dd.add_argument(
+        "dataset",
+        choices=[
+            "demo",
+            "openclipart",
+            "fashion-mnist",
+            "sop",
+            "cub",
+            "cars",
+            "inshop",
+            "imagefolder",
+        ],
+    )
     dd.add_argument("--out", required=True, help="output folder for the shards")
-    dd.add_argument("--seed", type=int, default=0)
+    dd.add_argument("--seed", type=int, default=0, help="demo/openclipart/fashion-mnist only")
+    dd.add_argument(
+        "--src",
+        help="the unpacked official archive (sop, cub, cars, inshop) or a class-per-folder "
+        "tree (imagefolder); required by those, refused by the others",
+    )
+    dd.add_argument(
+        "--shard-size", type=int, default=None, help="images per shard (converters; default 1000)"
+    )
 
     s = sub.add_parser("slurm", help="render an sbatch script from the config")
     s.add_argument("config")
@@ -66,51 +131,65 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in raw  # accepted anywhere: no config file or override is spelled so
+    raw = [a for a in raw if a != "--debug"]
+    return run_guarded(lambda: _dispatch(raw), debug=debug)
+
+
+def _dispatch(raw: list[str]) -> int:
     if raw[:2] == ["train", "reshard"]:  # `megaclass train reshard RUN --world-size N`
         return int(load_entry("megaclass.pipelines.train:reshard_main")(raw[2:]))
     args = build_parser().parse_args(raw)
-    try:
-        # the run config imports every stage package's config (torch among them): loaded here,
-        # not at module import, so that `megaclass --help` stays instant
-        from megaclass.pipelines.config import config_help, load_config
+    command = shlex.join(["megaclass", *raw])
+    # the run config imports every stage package's config (torch among them): loaded here,
+    # not at module import, so that `megaclass --help` stays instant
+    from megaclass.pipelines.config import config_help, load_config
 
-        if args.cmd == "config-help":
-            print(config_help())
-            return 0
-        if args.cmd in STAGE_ENTRYPOINTS:
-            cfg = load_config(args.config, args.overrides)
+    if args.cmd == "config-help":
+        print(config_help())
+        return 0
+    if args.cmd in STAGE_ENTRYPOINTS:
+        if args.cmd == "train" and launcher_rank() is not None:  # a rank under torchrun/srun
+            load_entry("megaclass.pipelines.train:die_with_launcher")()
+        cfg = load_config(args.config, args.overrides)
+        with RunDir(cfg.run_dir).lock(command):  # one writer per run directory
             result = load_entry(STAGE_ENTRYPOINTS[args.cmd])(cfg, force=args.force)
-            if isinstance(result, dict) and result.get("print_json", False):
-                print(json.dumps(result, indent=2, default=str))
-            return 0
-        if args.cmd == "demo":
-            return int(
-                load_entry("megaclass.pipelines.demo:run_demo")(args.out, args.overrides) or 0
-            )
-        if args.cmd == "report":
-            load_entry("megaclass.pipelines.report:build_report")(args.run_dir)
-            return 0
-        if args.cmd == "data":
-            load_entry("megaclass.data.builders:build_dataset")(
-                args.dataset, args.out, seed=args.seed
-            )
-            return 0
-        if args.cmd == "slurm":
-            cfg = load_config(args.config, args.overrides)
-            script = load_entry("megaclass.pipelines.slurm:render")(cfg, args.stage, args.config)
-            if args.out:
-                from megaclass.core.atomic import write_text_atomic
+        if isinstance(result, dict) and result.get("print_json", False):
+            print(json.dumps(result, indent=2, default=str))
+        return 0
+    if args.cmd == "demo":
+        return int(load_entry("megaclass.pipelines.demo:run_demo")(args.out, args.overrides) or 0)
+    if args.cmd == "report":  # no lock: rebuilding the report of a running run is fine
+        load_entry("megaclass.pipelines.report:build_report")(args.run_dir)
+        return 0
+    if args.cmd == "data":
+        from megaclass.data.converters import CONVERTERS, ConvertError
 
-                write_text_atomic(args.out, script)
-            else:
-                sys.stdout.write(script)
+        if args.dataset in CONVERTERS:
+            if not args.src:
+                raise ConvertError(f"megaclass data {args.dataset} needs --src DIR (the archive)")
+            size = 1000 if args.shard_size is None else args.shard_size
+            load_entry("megaclass.data.converters:convert")(
+                args.dataset, args.src, args.out, shard_size=size
+            )
             return 0
-    except ConfigError as e:
-        print(f"megaclass: config error: {e}", file=sys.stderr)
-        return 2
-    except ConfigChangedError as e:
-        print(f"megaclass: {e}", file=sys.stderr)
-        return 2
+        if args.src or args.shard_size is not None:
+            raise ConvertError(
+                f"--src/--shard-size are for {', '.join(CONVERTERS)}; "
+                f"megaclass data {args.dataset} builds its own images"
+            )
+        load_entry("megaclass.data.builders:build_dataset")(args.dataset, args.out, seed=args.seed)
+        return 0
+    if args.cmd == "slurm":
+        cfg = load_config(args.config, args.overrides)
+        script = load_entry("megaclass.pipelines.slurm:render")(cfg, args.stage, args.config)
+        if args.out:
+            from megaclass.core.atomic import write_text_atomic
+
+            write_text_atomic(args.out, script)
+        else:
+            sys.stdout.write(script)
+        return 0
     return 1
 
 

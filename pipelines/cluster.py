@@ -22,6 +22,7 @@ from megaclass.clustering.sampling import load_sample
 from megaclass.clustering.search import Tree, tree_topk
 from megaclass.clustering.stats import plot_objective, plot_sizes, quality, size_stats
 from megaclass.core.atomic import atomic_path, write_json_atomic, write_text_atomic
+from megaclass.core.errors import InputError
 from megaclass.core.memory import MemoryPlan
 from megaclass.core.rundir import RunDir
 from megaclass.data.embeddings import validate_embeddings_dir
@@ -61,11 +62,11 @@ def _load_byo_centroids(path: str, k: int) -> np.ndarray:
     try:
         c = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cluster.centroids: cannot read {path} as .npy ({e})") from None
+        raise InputError(f"cluster.centroids: cannot read {path} as .npy ({e})") from None
     if c.ndim != 2 or not np.isfinite(c).all():
-        raise ValueError(f"cluster.centroids: {path} must be a finite 2-D array, got {c.shape}")
+        raise InputError(f"cluster.centroids: {path} must be a finite 2-D array, got {c.shape}")
     if c.shape[0] != k:
-        raise ValueError(f"cluster.centroids: {path} has {c.shape[0]} rows but cluster.k = {k}")
+        raise InputError(f"cluster.centroids: {path} has {c.shape[0]} rows but cluster.k = {k}")
     c = c.astype(np.float32)
     return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-30)
 
@@ -123,7 +124,7 @@ def run_cluster(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     sample = load_sample(embed_dir, info["stems"], c.feature, target, c.seed)
     x = sample.x
     if len(x) < c.k:
-        raise ValueError(
+        raise InputError(
             f"cluster.k = {c.k} but the sample has only {len(x)} points "
             f"({info['rows']} rows in {embed_dir}); lower cluster.k or raise cluster.sample_size"
         )
@@ -134,7 +135,7 @@ def run_cluster(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     if c.centroids:
         centroids = _load_byo_centroids(c.centroids, c.k)
         if centroids.shape[1] != x.shape[1]:
-            raise ValueError(
+            raise InputError(
                 f"cluster.centroids: {c.centroids} has width {centroids.shape[1]}, "
                 f"the '{c.feature}' feature has {x.shape[1]}"
             )

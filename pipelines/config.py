@@ -26,6 +26,7 @@ from megaclass.core.config import config_help as _config_help
 from megaclass.core.rundir import RunDir
 from megaclass.data.config import DataConfig
 from megaclass.training.config import TrainConfig, margin_option_errors
+from megaclass.training.tracking import wandb_option_errors
 
 __all__ = [
     "AssignConfig",
@@ -90,6 +91,9 @@ class EmbedConfig:
     """CPUs reserved per decode task (reads a shard, decodes and preprocesses its images)."""
     max_retries: int = 2
     """Retries per failing shard (unreadable, or a decode/teacher error) before it is reported as failed."""
+    actor_crash_retries: int = 2
+    """Times Ray restarts a teacher actor, and retries the chunk (or decode task) whose process
+    died, before the shard is reported as failed ('crash: ...'); Ray's default is unlimited."""
     allow_failed_shards: bool = False
     """Finish the stage (listing them in _SUCCESS.json) when shards still fail after the retries; default: raise."""
     embeddings_dir: str | None = None
@@ -248,6 +252,7 @@ def check_no_dead_options(cfg: RunConfig) -> None:
             if getattr(a, key) != getattr(AssignConfig, key):
                 dead.append(f"assign.{key}: only used by assign.method=hnsw (method={a.method!r})")
     dead += margin_option_errors(cfg.train)
+    dead += wandb_option_errors(cfg.train)
     if dead:
         raise ConfigError("; ".join(dead))
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import megaclass
 from megaclass.core.atomic import write_text_atomic
+from megaclass.core.errors import MissingInputError
+from megaclass.core.rundir import RunDir
 from megaclass.data.builders import build_dataset
 from megaclass.pipelines.config import load_config
 from megaclass.pipelines.eval import format_table
@@ -30,7 +32,7 @@ def _shard_list(folder: Path, out: Path) -> Path:
     """Write a list file of the shards in ``folder`` (list files are a valid shard spec)."""
     shards = sorted(folder.glob("*.tar"))
     if not shards:
-        raise FileNotFoundError(f"no .tar shards in {folder}")
+        raise MissingInputError(f"no .tar shards in {folder}")
     write_text_atomic(out, "".join(f"{p}\n" for p in shards))
     return out
 
@@ -42,6 +44,12 @@ def run_demo(out: str = "runs/demo", overrides: list[str] | None = None) -> int:
     )
     t0 = time.time()
     root = Path(out).resolve()
+    # one demo per folder: the lock covers building the data too (run_pipeline re-enters it)
+    with RunDir(root).lock(f"megaclass demo --out {root}"):
+        return _run_demo_locked(root, overrides, t0)
+
+
+def _run_demo_locked(root: Path, overrides: list[str] | None, t0: float) -> int:
     data_dir = root / "data"
     times: dict[str, str] = {}
     if not (data_dir / "_BUILT").exists():

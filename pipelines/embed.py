@@ -11,18 +11,40 @@ A Ray Data program::
                                      RUN/embed/{img_emb,text_emb}/<stem>.npy, metadata/<stem>.parquet,
                                      then _done/<stem>.json (last, atomically)
 
+This module is the stage: the Ray dataset, the passes and retries, the ``_done`` records,
+bring-your-own embeddings and the summary. The parts that run elsewhere or that other stages
+share live apart: decoding in ``embed_decode.py``, the teacher actor (and :class:`TeacherSpec`,
+what the vectors depend on) in ``embed_actor.py``, both at module level so that Ray ships them to
+its workers by reference; the files of the embeddings folder are written by
+``data/embeddings.py``, next to their reader, so the format has one owner.
+
 Why chunks rather than Ray's own batching: Ray Data forms batches from whatever blocks arrive
 first, so a sample's neighbours in a forward pass (and with them the last bits of its vector on
 CPU kernels) would depend on timing. A chunk holds consecutive samples of one shard, always cut
 at the same places, so every vector is a function of the shard alone: a killed and restarted run
 writes byte-identical files, and the Ray output equals a plain loop with the same batch size.
 
-Failures stay per shard: decode and teacher errors become error rows (Ray's
-``max_errored_blocks`` is lifted as a second line of defence), a shard that could not be read
-or whose chunks did not all arrive is retried ``embed.max_retries`` times in further passes,
-and then reported in ``RUN/embed/_FAILED.json`` and an :class:`EmbedError` -- after every other
-shard has been written. Bad samples are skipped and counted by the reader (and here, when the
-teacher's transform rejects an image) into each shard's ``_done`` record and the stage summary.
+Failures stay per shard: decode and teacher errors become error rows, a shard that could not
+be read or whose chunks did not all arrive is retried ``embed.max_retries`` times in further
+passes, and then reported in ``RUN/embed/_FAILED.json`` and an :class:`EmbedError` -- after
+every other shard has been written. Bad samples are skipped and counted by the reader (and by
+the decode tasks, when the teacher's transform rejects an image) into each shard's ``_done``
+record and the stage summary.
+
+Writing is per shard too: a shard's files are written all or nothing (``write_embeddings_shard``)
+and its ``_done`` record last; a write that fails (a full disk, ENOSPC) fails that shard alone,
+with the error as its reason and no file of it left, and is not retried in this run (the
+next run does it again).
+
+Crashes: a process that dies (native crash, OOM kill) cannot send an error row. Ray restarts a
+teacher actor and retries its chunk, and retries a decode task, at most
+``embed.actor_crash_retries`` times (Ray's own defaults are unlimited: one poisonous chunk would
+be retried forever); then the pass ends with Ray's error (``max_errored_blocks`` stays 0: with
+errors ignored, Ray Data 2.x waits forever on an actor pool whose actors are dead for good).
+The pass's :class:`~megaclass.pipelines.embed_actor.CrashLedger` names the shard whose work was
+running at every crash: that shard is reported failed at once, and the other unfinished shards
+run again in the next pass without being charged a retry. When no shard can be named, every
+unfinished shard is charged, as for any other error.
 
 Bring your own embeddings: with ``embed.embeddings_dir`` set, that folder (LAION's layout) is
 validated and recorded in ``RUN/embed/_SUCCESS.json``; nothing is embedded, and the cluster
@@ -31,320 +53,80 @@ stage reads ``embed.embeddings_dir`` instead of ``RUN/embed``.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import time
-import traceback
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from megaclass.core.atomic import atomic_path, write_json_atomic
+from megaclass.core.atomic import write_json_atomic
+from megaclass.core.errors import UserError
 from megaclass.core.rundir import RunDir
+from megaclass.data.embeddings import (
+    remove_embeddings_shard,
+    validate_embeddings_dir,
+    write_embeddings_shard,
+)
 from megaclass.data.stats import SampleStats
 from megaclass.pipelines.config import RunConfig
+from megaclass.pipelines.embed_actor import (
+    CrashLedger,
+    TeacherActor,
+    TeacherSpec,
+    actor_threads,
+    crash_plan,
+    fault_plan,
+)
+from megaclass.pipelines.embed_decode import decode_shard, input_signatures
+from megaclass.pipelines.ray_session import connect_ray
 
 logger = logging.getLogger(__name__)
 
-# Skip reasons that mean "the shard could not be read", not "a sample was bad": such a shard is
-# retried and then reported as failed instead of being recorded as done with zero rows.
-SHARD_FAILURE_REASONS = ("unreadable_shard",)
 # Ray Data block size while embedding: smaller than one chunk of pixels, so every chunk travels
 # as its own block (streams to the actors as soon as it is decoded).
 BLOCK_BYTES = 1 << 20
 
+# Fault injection for the tests of the write path: ``MEGACLASS_EMBED_WRITE_FAULT=
+# "<stem>:<file>[,…]"`` makes writing <file> (img_emb, text_emb, metadata or _done) of shard
+# <stem> raise OSError(ENOSPC), as a full disk would. The driver writes, so the driver reads it.
+WRITE_FAULT_ENV = "MEGACLASS_EMBED_WRITE_FAULT"
+WRITE_FILES = ("img_emb", "text_emb", "metadata", "_done")
 
-class EmbedError(RuntimeError):
+
+class EmbedError(UserError, RuntimeError):
     """Some shards could not be embedded after all retries; the message names them."""
 
 
-# --------------------------------------------------------------------------------------
-# what a shard's output depends on
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """Everything that determines the vectors (besides the input shard)."""
-
-    image_teacher: str
-    text_teacher: str
-    pretrained: str | None
-    image_size: int | None
-    batch_size: int
-
-    @classmethod
-    def from_config(cls, cfg: RunConfig) -> TeacherSpec:
-        e = cfg.embed
-        return cls(e.image_teacher, e.text_teacher, e.pretrained, e.image_size, e.batch_size)
-
-    @property
-    def has_text(self) -> bool:
-        return self.text_teacher != "none"
-
-
-def input_signature(url: str) -> dict[str, Any]:
-    """Identity of an input shard for the restart check: size and mtime where they can be had.
-
-    Local files use ``os.stat``; other fsspec URLs use the filesystem's ``info`` (size plus
-    whichever modification stamp the backend reports); ``pipe:`` commands only have their URL.
-    """
-    sig: dict[str, Any] = {"url": url}
-    if url.startswith("pipe:"):
-        return sig
-    try:
-        if "://" not in url or url.startswith("file://"):
-            st = os.stat(
-                os.path.expanduser(url[len("file://") :] if url.startswith("file://") else url)
-            )
-            sig.update(size=st.st_size, mtime_ns=st.st_mtime_ns)
-        else:
-            import fsspec
-
-            fs, path = fsspec.core.url_to_fs(url)
-            info = fs.info(path)
-            sig["size"] = info.get("size")
-            for k in ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag"):
-                if k in info:
-                    sig[k] = str(info[k])
-    except (OSError, ValueError, ImportError) as e:
-        sig["error"] = f"{type(e).__name__}: {e}"
-    return sig
-
-
-# --------------------------------------------------------------------------------------
-# decode: one shard -> chunk rows (runs in Ray tasks)
-# --------------------------------------------------------------------------------------
-
-_TRANSFORMS: dict[tuple, Any] = {}
-
-
-def _transform_for(spec: TeacherSpec) -> Any:
-    key = (spec.image_teacher, spec.pretrained, spec.image_size)
-    if key not in _TRANSFORMS:
-        from megaclass.training.teachers import build_image_transform
-
-        _TRANSFORMS[key] = build_image_transform(
-            spec.image_teacher, spec.pretrained, spec.image_size
-        )
-    return _TRANSFORMS[key]
-
-
-def _chunk_row(url: str, stem: str, idx: int, items: list[dict], pixels: list) -> dict[str, Any]:
-    if pixels:
-        arr = np.stack([p.numpy() for p in pixels]).astype(np.float32, copy=False)
-    else:
-        arr = np.zeros((0,), np.float32)
-    meta = {k: [it[k] for it in items] for k in ("key", "caption", "class", "json")}
-    return {
-        "stem": stem,
-        "url": url,
-        "chunk": idx,
-        "final": False,
-        "n": len(items),
-        "shape": json.dumps(list(arr.shape)),
-        "pixels": arr.tobytes(),
-        "meta": json.dumps(meta, ensure_ascii=False),
-        "stats": "",
-        "error": "",
-        "retryable": True,
-        "read_attempts": 1,
-        "decode_s": 0.0,
-    }
-
-
-def _decode_once(
-    url: str, stem: str, spec: TeacherSpec, max_pixels: int, class_field: str
-) -> Iterator[dict[str, Any]]:
-    """One read of a shard: its chunks in order, the last one with the stats; raises on failure."""
-    from megaclass.data.reader import iter_samples
-
-    stats = SampleStats()
-    t_busy = 0.0
-    t0 = time.perf_counter()
-    idx = 0
-    items: list[dict] = []
-    pixels: list = []
-    transform = _transform_for(spec)
-    for s in iter_samples(url, stats, max_pixels=max_pixels):
-        try:
-            x = transform(s.image)
-        except Exception as e:  # an image PIL opened but the transform cannot use
-            stats.skip("undecodable_image", url, s.key, f"transform: {type(e).__name__}: {e}")
-            stats.kept -= 1
-            continue
-        cls = s.meta.get(class_field) if isinstance(s.meta, dict) else None
-        items.append(
-            {
-                "key": s.key,
-                "caption": s.caption,
-                "class": None if cls is None else str(cls),
-                "json": json.dumps(s.meta, ensure_ascii=False),
-            }
-        )
-        pixels.append(x)
-        if len(items) == spec.batch_size:
-            out = _chunk_row(url, stem, idx, items, pixels)
-            t_busy += time.perf_counter() - t0
-            yield out
-            t0 = time.perf_counter()
-            idx, items, pixels = idx + 1, [], []
-    failures = {r: n for r, n in stats.skipped.items() if r in SHARD_FAILURE_REASONS}
-    if failures:
-        detail = "; ".join(
-            ex["detail"] for ex in stats.examples if ex["reason"] in SHARD_FAILURE_REASONS
-        )
-        raise OSError(f"{url}: unreadable ({detail or failures})")
-    out = _chunk_row(url, stem, idx, items, pixels)
-    out["final"] = True
-    out["stats"] = json.dumps(stats.as_dict())
-    out["decode_s"] = t_busy + time.perf_counter() - t0
-    yield out
-
-
-def decode_shard(
-    row: dict[str, Any],
-    spec: TeacherSpec,
-    max_pixels: int,
-    class_field: str,
-    max_attempts: int = 1,
-) -> Iterator[dict[str, Any]]:
-    """Read one shard in tar order and yield its chunks; the last one carries the shard's stats.
-
-    Never raises. A read that fails before its first chunk (a shard that cannot be opened, a
-    ``pipe:`` that dies at once) is retried right here, with a short backoff, up to
-    ``max_attempts`` reads; a failure after chunks went out ends the shard with an error row
-    marked ``retryable`` so that the driver re-reads it in a later pass.
-    """
-    import torch
-
-    torch.set_num_threads(1)
-    url, stem = str(row["url"]), str(row["stem"])
-    for attempt in range(1, max_attempts + 1):
-        emitted = False
-        try:
-            for out in _decode_once(url, stem, spec, max_pixels, class_field):
-                emitted = True
-                out["read_attempts"] = attempt
-                yield out
-            return
-        except Exception as e:
-            logger.debug("decode of %s failed:\n%s", url, traceback.format_exc())
-            if emitted or attempt == max_attempts:
-                err = _chunk_row(url, stem, 0, [], [])
-                err.update(
-                    final=True,
-                    error=f"decode: {type(e).__name__}: {e}",
-                    retryable=emitted,
-                    read_attempts=attempt,
-                )
-                yield err
-                return
-            time.sleep(min(0.2 * 2 ** (attempt - 1), 5.0))
-
-
-# --------------------------------------------------------------------------------------
-# the teacher actor (map_batches callable class)
-# --------------------------------------------------------------------------------------
-
-
-# Fault injection for the retry tests: ``MEGACLASS_EMBED_FAULT="<stem>:<n>[,<stem>:<n>…]"`` makes
-# the teacher step raise on every chunk of shard <stem> in passes 1..n (n large: always). Read
-# by the driver and handed to the actors, so it works whatever environment Ray's workers have.
-EMBED_FAULT_ENV = "MEGACLASS_EMBED_FAULT"
-
-
-def _fault_plan() -> dict[str, int]:
-    spec = os.environ.get(EMBED_FAULT_ENV, "").strip()
-    plan: dict[str, int] = {}
+def write_fault_plan() -> dict[str, str]:
+    """:data:`WRITE_FAULT_ENV` as ``{stem: file}`` (empty when unset)."""
+    spec = os.environ.get(WRITE_FAULT_ENV, "").strip()
+    plan: dict[str, str] = {}
     for item in filter(None, (x.strip() for x in spec.split(","))):
-        stem, _, n = item.rpartition(":")
-        if not stem or not n.isdigit():
-            raise ValueError(f"{EMBED_FAULT_ENV}={spec!r}: expected '<stem>:<passes>[,…]'")
-        plan[stem] = int(n)
+        stem, _, what = item.rpartition(":")
+        if not stem or what not in WRITE_FILES:
+            raise ValueError(
+                f"{WRITE_FAULT_ENV}={spec!r}: expected '<stem>:<file>[,…]' with <file> one of "
+                f"{', '.join(WRITE_FILES)}"
+            )
+        plan[stem] = what
     return plan
 
 
-def actor_threads(num_cpus_per_actor: float) -> int:
-    """Torch threads of a teacher actor: its CPU reservation, rounded (at least 1).
+def _write_hook(stem: str, plan: dict[str, str]) -> Callable[[str], None]:
+    """Called before each file of ``stem`` is written; raises ENOSPC where the plan says so."""
 
-    Fractional reservations let a small machine give the actors every core while the decode
-    tasks, idle most of the time next to a CPU teacher, keep a small one: on 2 cores one actor
-    with 1.5 CPUs runs 2 threads, or two actors with 0.75 CPUs run 1 thread each, next to a
-    0.5-CPU decoder (configs/demo.yaml).
-    """
-    return max(1, int(round(num_cpus_per_actor)))
-
-
-class TeacherActor:
-    """Holds one frozen teacher; each call embeds one chunk (batch_size=1 row of map_batches)."""
-
-    def __init__(
-        self,
-        spec: TeacherSpec,
-        num_threads: int,
-        use_gpu: bool,
-        attempt: int = 1,
-        faults: dict[str, int] | None = None,
-    ) -> None:
-        t0 = time.time()
-        import torch
-        from megaclass.training.teachers import load_teacher
-
-        torch.set_num_threads(max(1, num_threads))
-        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.spec = spec
-        self.teacher = load_teacher(
-            spec.image_teacher, spec.text_teacher, spec.pretrained, device, spec.image_size
-        )
-        self.fail_stems = {s for s, n in (faults or {}).items() if attempt <= n}
-        self.init_s = time.time() - t0
-
-    def _one(self, row: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        out = dict(row)
-        out.pop("pixels", None)
-        out.update(img=b"", txt=b"", img_dim=self.teacher.image_dim, encode_s=0.0)
-        out.update(t_start=time.time(), t_end=0.0, init_s=self.init_s)
-        out["txt_dim"] = int(self.teacher.text_dim or 0)
-        if row["error"]:
-            return out
-        try:
-            t0 = time.perf_counter()
-            if row["stem"] in self.fail_stems:
-                raise RuntimeError(f"injected fault ({EMBED_FAULT_ENV})")
-            shape = json.loads(row["shape"])
-            n = int(row["n"])
-            if n:
-                x = torch.from_numpy(np.frombuffer(row["pixels"], np.float32).reshape(shape).copy())
-                out["img"] = self.teacher.encode_images(x).tobytes()
-                if self.spec.has_text:
-                    caps = json.loads(row["meta"])["caption"]
-                    out["txt"] = self.teacher.encode_texts(caps).tobytes()
-            out["encode_s"] = time.perf_counter() - t0
-            out["t_end"] = time.time()
-        except Exception as e:
-            out["error"] = f"teacher: {type(e).__name__}: {e}"
-            logger.debug(
-                "teacher failed on %s chunk %s:\n%s",
-                row["url"],
-                row["chunk"],
-                traceback.format_exc(),
+    def hook(what: str) -> None:
+        if plan.get(stem) == what:
+            raise OSError(
+                errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected: {WRITE_FAULT_ENV})"
             )
-        return out
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        n = len(batch["stem"])
-        rows = [self._one({k: _scalar(v[i]) for k, v in batch.items()}) for i in range(n)]
-        return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
-
-
-def _scalar(v: Any) -> Any:
-    return v.item() if isinstance(v, np.generic) else v
+    return hook
 
 
 # --------------------------------------------------------------------------------------
@@ -360,7 +142,8 @@ class _Pending:
     n_chunks: int | None = None
     final: dict[str, Any] | None = None
     error: str = ""
-    exhausted: bool = False  # the decode task already spent every read attempt
+    exhausted: bool = False  # another pass would not help (reads spent, write error, crash)
+    charged: bool = True  # this pass counts as one of the shard's attempts
     first_seen: float = 0.0
 
     def complete(self) -> bool:
@@ -373,33 +156,21 @@ def _stack(chunks: list[dict[str, Any]], col: str, dim_col: str) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with atomic_path(path, suffix=".npy") as tmp:
-        np.save(tmp, arr, allow_pickle=False)
-
-
-def _save_metadata(path: Path, url: str, meta: dict[str, list]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    n = len(meta["key"])
-    table = pa.table(
-        {
-            "key": pa.array(meta["key"], pa.string()),
-            "shard": pa.array([url] * n, pa.string()),
-            "caption": pa.array(meta["caption"], pa.string()),
-            "class": pa.array(meta["class"], pa.string()),
-            "json": pa.array(meta["json"], pa.string()),
-        }
-    )
-    with atomic_path(path, suffix=".parquet") as tmp:
-        pq.write_table(table, tmp)
-
-
 def write_shard(
-    embed_dir: Path, p: _Pending, spec: TeacherSpec, signature: dict[str, Any], attempt: int
+    embed_dir: Path,
+    p: _Pending,
+    spec: TeacherSpec,
+    signature: dict[str, Any],
+    attempt: int,
+    write_faults: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Write one shard's arrays and metadata (atomically), then its ``_done`` record."""
+    """Write one shard's arrays and metadata (all or nothing), then its ``_done`` record.
+
+    Raises on any failure, leaving no file and no record of the shard: an older version's
+    record is removed before anything is written (it must not vouch for a mix of files), and
+    the files are removed when the record cannot be written.
+    """
+    hook = _write_hook(p.stem, write_faults or {})
     chunks = [p.chunks[i] for i in range(int(p.n_chunks or 0))]
     meta: dict[str, list] = {"key": [], "caption": [], "class": [], "json": []}
     for c in chunks:
@@ -410,13 +181,16 @@ def write_shard(
     n = img.shape[0]
     if n != len(meta["key"]) or len(set(meta["key"])) != n:
         raise EmbedError(f"{p.url}: {n} vectors for {len(meta['key'])} keys (internal error)")
-    _save_npy(embed_dir / "img_emb" / f"{p.stem}.npy", img.astype(np.float16))
-    text_dim = None
-    if spec.has_text:
-        txt = _stack(chunks, "txt", "txt_dim")
-        text_dim = int(txt.shape[1])
-        _save_npy(embed_dir / "text_emb" / f"{p.stem}.npy", txt.astype(np.float16))
-    _save_metadata(embed_dir / "metadata" / f"{p.stem}.parquet", p.url, meta)
+    txt = _stack(chunks, "txt", "txt_dim") if spec.has_text else None
+    columns = {
+        "key": meta["key"],
+        "shard": [p.url] * n,
+        "caption": meta["caption"],
+        "class": meta["class"],
+        "json": meta["json"],
+    }
+    RunDir.done_path(embed_dir, p.stem).unlink(missing_ok=True)
+    write_embeddings_shard(embed_dir, p.stem, img, txt, columns, before_file=hook)
     assert p.final is not None
     stats = SampleStats.from_dict(json.loads(p.final["stats"]))
     stats.kept = n
@@ -427,7 +201,7 @@ def write_shard(
         "teacher": asdict(spec),
         "rows": n,
         "image_dim": int(img.shape[1]),
-        "text_dim": text_dim,
+        "text_dim": None if txt is None else int(txt.shape[1]),
         "stats": stats.as_dict(),
         "skipped": dict(stats.skipped),
         "attempt": attempt,
@@ -439,7 +213,12 @@ def write_shard(
         },
         "written_at": time.time(),
     }
-    RunDir.write_done(embed_dir, p.stem, record)
+    try:
+        hook("_done")
+        RunDir.write_done(embed_dir, p.stem, record)
+    except BaseException:
+        remove_embeddings_shard(embed_dir, p.stem)
+        raise
     return record
 
 
@@ -455,25 +234,6 @@ def done_matches(
 # --------------------------------------------------------------------------------------
 # Ray plumbing
 # --------------------------------------------------------------------------------------
-
-
-def _connect_ray(cfg: RunConfig) -> bool:
-    """Join ``ray.address`` or start a local Ray; returns whether we started (and must stop) it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, **kwargs)
-    else:
-        ray.init(
-            num_cpus=cfg.ray.num_cpus,
-            object_store_memory=cfg.ray.object_store_memory,
-            include_dashboard=False,
-            **kwargs,
-        )
-    return True
 
 
 def _check_local_cpus(cfg: RunConfig) -> None:
@@ -494,7 +254,11 @@ def _check_local_cpus(cfg: RunConfig) -> None:
 
 
 def _build_dataset(
-    cfg: RunConfig, spec: TeacherSpec, shards: list[tuple[str, str]], attempt: int = 1
+    cfg: RunConfig,
+    spec: TeacherSpec,
+    shards: list[tuple[str, str]],
+    attempt: int = 1,
+    ledger: Any = None,
 ) -> Any:
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -510,8 +274,12 @@ def _build_dataset(
             "max_pixels": cfg.data.max_image_pixels,
             "class_field": cfg.data.class_field,
             "max_attempts": e.max_retries + 1,
+            "max_caption_bytes": cfg.data.max_caption_bytes,
+            "max_json_bytes": cfg.data.max_json_bytes,
+            "ledger": ledger,
         },
         num_cpus=e.num_cpus_per_decoder,
+        max_retries=e.actor_crash_retries,  # Ray Data's default: -1, forever
     )
     return ds.map_batches(
         TeacherActor,
@@ -520,7 +288,9 @@ def _build_dataset(
             "num_threads": actor_threads(e.num_cpus_per_actor),
             "use_gpu": e.num_gpus_per_actor > 0,
             "attempt": attempt,
-            "faults": _fault_plan(),
+            "faults": fault_plan(),
+            "crashes": crash_plan(),
+            "ledger": ledger,
         },
         batch_size=1,
         batch_format="numpy",
@@ -528,6 +298,9 @@ def _build_dataset(
         num_cpus=e.num_cpus_per_actor,
         num_gpus=e.num_gpus_per_actor or None,
         zero_copy_batch=True,
+        # Ray Data's defaults are -1 (forever) for both: a chunk that kills its actor
+        max_restarts=e.actor_crash_retries,
+        max_task_retries=e.actor_crash_retries,
     )
 
 
@@ -540,25 +313,32 @@ def _run_pass(
     attempt: int,
     bar: Any,
     totals: dict[str, float],
-) -> dict[str, tuple[str, bool]]:
+) -> dict[str, tuple[str, bool, bool]]:
     """One Ray Data execution over ``todo``; writes finished shards.
 
-    Returns ``{stem: (error, exhausted)}`` for the shards that did not finish; ``exhausted``
-    means the decode task already retried the read and another pass would not help.
+    Returns ``{stem: (error, retry, charged)}`` for the shards that did not finish: ``retry``
+    is False when another pass would not help (the decode task already retried the read, the
+    write failed, the shard crashed its workers); ``charged`` is False for a shard that only
+    lost its work because another shard's crash ended the pass.
     """
+    import ray
     from ray.data import DataContext
 
     pending = {stem: _Pending(url, stem) for url, stem in todo}
+    write_faults = write_fault_plan()
+    ledger = ray.remote(num_cpus=0)(CrashLedger).remote()
     ctx = DataContext.get_current()
     saved = (ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.target_max_block_size)
-    ctx.max_errored_blocks = -1  # lost blocks show up as incomplete shards and are retried
+    # 0, Ray's default: a lost block ends the pass (see the module docstring); shards whose
+    # own work failed arrive as error rows instead
+    ctx.max_errored_blocks = 0
     ctx.enable_progress_bars = False
     # Stream chunk by chunk: with Ray's default (128 MiB) a decode task would hand over a whole
     # shard as one block, so the actor waits for the shard's last image before its first
     # forward pass, and the pipeline fills and drains shard by shard.
     ctx.target_max_block_size = BLOCK_BYTES
     try:
-        ds = _build_dataset(cfg, spec, todo, attempt)
+        ds = _build_dataset(cfg, spec, todo, attempt, ledger)
         for row in ds.iter_rows():
             stem = str(row["stem"])
             p = pending.get(stem)
@@ -584,24 +364,82 @@ def _run_pass(
                 p.n_chunks = int(row["chunk"]) + 1
                 p.final = row
             if p.complete():
-                rec = write_shard(embed_dir, p, spec, signatures[stem], attempt)
+                try:
+                    rec = write_shard(embed_dir, p, spec, signatures[stem], attempt, write_faults)
+                except Exception as e:  # this shard's files only: full disk, refused value …
+                    logger.warning("embed: writing %s failed: %s", p.url, e, exc_info=True)
+                    p.error = f"write: {type(e).__name__}: {e}"
+                    p.exhausted = True  # a full disk stays full: the next run retries it
+                    p.chunks.clear()
+                    continue
                 del pending[stem]
                 totals["rows"] += rec["rows"]
                 bar.update(1)
             elapsed = max(time.perf_counter() - totals["t0"], 1e-9)
             bar.set_postfix_str(f"{totals['samples'] / elapsed:.1f} samples/s", refresh=False)
-    except Exception as e:  # the whole execution died (actor crash, lost node …)
-        logger.warning("embed pass %d aborted: %s", attempt, e)
-        for p in pending.values():
-            p.error = p.error or f"ray: {type(e).__name__}: {e}"
+    except Exception as e:  # the whole execution died (a crash past its retries, lost node …)
+        _blame(pending, e, _crashed(ledger), cfg.embed.actor_crash_retries, attempt)
     finally:
         ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.target_max_block_size = saved
+        try:
+            ray.kill(ledger)
+        except Exception as e:
+            logger.debug("embed: crash ledger: %s", e)
     out = {}
     for stem, p in pending.items():
         n = p.n_chunks if p.n_chunks is not None else "?"
         err = p.error or f"incomplete: {len(p.chunks)} of {n} chunks arrived"
-        out[stem] = (err, p.exhausted)
+        out[stem] = (err, not p.exhausted, p.charged)
     return out
+
+
+def _crashed(ledger: Any) -> dict[str, tuple[str, int, int]]:
+    """The ledger's shards whose work crashed a process ({} when it cannot tell)."""
+    import ray
+
+    try:
+        return dict(ray.get(ledger.crashed.remote(), timeout=60))
+    except Exception as e:
+        logger.warning("embed: crash ledger unreadable (%s): every unfinished shard is charged", e)
+        return {}
+
+
+def _blame(
+    pending: dict[str, _Pending],
+    error: Exception,
+    crashed: dict[str, tuple[str, int, int]],
+    crash_retries: int,
+    attempt: int,
+) -> None:
+    """After a pass died: the shards that crashed fail for good, the others' work is void.
+
+    An unfinished shard that crashed nothing and had no error of its own is not charged when
+    a culprit is known (it only lost its place in the pass); without one (a crash on the first
+    attempt with ``actor_crash_retries`` 0, a lost node), every unfinished shard is charged
+    with Ray's error, as before.
+    """
+    logger.warning("embed pass %d aborted: %s", attempt, error)
+    crashed = {stem: c for stem, c in crashed.items() if stem in pending}
+    for p in pending.values():
+        p.chunks.clear()
+        if p.stem in crashed:
+            where, chunk, deaths = crashed[p.stem]
+            unit = "decoding the shard" if where == "decode" else f"embedding chunk {chunk}"
+            p.error = (
+                f"crash: the {where} process died while {unit}, on the first attempt and on "
+                f"{deaths} retr{'y' if deaths == 1 else 'ies'} (embed.actor_crash_retries="
+                f"{crash_retries}): it exited without a Python error (a crash in native code, "
+                "the OOM killer, an exit)"
+            )
+            p.exhausted, p.charged = True, True
+            logger.warning("embed: %s failed: %s", p.url, p.error)
+        elif p.error:
+            continue  # failed on its own before the end of the pass
+        elif crashed:
+            p.error = f"pass {attempt} ended by the crash of {', '.join(sorted(crashed))}"
+            p.charged = False
+        else:
+            p.error = f"ray: {type(error).__name__}: {error}"
 
 
 # --------------------------------------------------------------------------------------
@@ -621,12 +459,11 @@ def _summary_from_records(records: list[dict[str, Any]]) -> dict[str, Any]:
         "skipped_total": d["skipped_total"],
         "skipped_by_shard": d["skipped_by_shard"],
         "skip_examples": d["examples"],
+        "noted": d["noted"],  # kept samples changed or members left out (data/stats.py NOTES)
     }
 
 
 def _run_byo(cfg: RunConfig, embed_dir: Path) -> dict[str, Any]:
-    from megaclass.data.embeddings import validate_embeddings_dir
-
     path = str(Path(cfg.embed.embeddings_dir).expanduser().resolve())  # type: ignore[arg-type]
     info = validate_embeddings_dir(path)
     summary = {
@@ -664,8 +501,9 @@ def finish_stage(
     failed = summary.get("failed") or {}
     if failed:
         write_json_atomic(embed_dir / "_FAILED.json", summary)
-        msg = f"embed: {len(failed)} shard(s) failed after {attempts} attempts: " + "; ".join(
-            f"{url}: {err}" for url, err in sorted(failed.items())
+        msg = (
+            f"embed: {len(failed)} shard(s) failed (up to {attempts} attempts each): "
+            + "; ".join(f"{url}: {err}" for url, err in sorted(failed.items()))
         )
         if not allow_failed:
             raise EmbedError(
@@ -692,7 +530,7 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     some shards still fail after ``embed.max_retries`` retries.
     """
     from megaclass.data.shards import expand_shards, shard_stem
-    from megaclass.training.teachers import check_teacher_names
+    from megaclass.training.teachers import check_teacher_names, teacher_weights_record
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
@@ -706,8 +544,19 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
 
     if cfg.embed.batch_size < 1:
         raise ValueError(f"embed.batch_size must be >= 1, got {cfg.embed.batch_size}")
+    if cfg.embed.actor_crash_retries < 0:
+        raise ValueError(
+            f"embed.actor_crash_retries must be >= 0, got {cfg.embed.actor_crash_retries}"
+        )
     spec = TeacherSpec.from_config(cfg)
     check_teacher_names(spec.image_teacher, spec.text_teacher)
+    # which weights the vectors come from (a tag, a file and its sha256, shipped, random)
+    weights = {"image": teacher_weights_record(spec.image_teacher, spec.pretrained)}
+    weights["text"] = (
+        weights["image"]
+        if spec.text_teacher == spec.image_teacher
+        else teacher_weights_record(spec.text_teacher, spec.pretrained)
+    )
     urls = expand_shards(cfg.data.shards)
     stems: dict[str, str] = {}
     for u in urls:
@@ -716,7 +565,7 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             raise ValueError(f"data.shards: shards {stems[s]!r} and {u!r} share the stem {s!r}")
         stems[s] = u
     _remove_stale_temporaries(embed_dir)
-    signatures = {s: input_signature(u) for s, u in stems.items()}
+    signatures = dict(zip(stems, input_signatures(list(stems.values()))))
     todo = [
         (u, s)
         for s, u in stems.items()
@@ -735,7 +584,7 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     )
     if todo:
         t_connect = time.perf_counter()
-        started = _connect_ray(cfg)
+        started = connect_ray(cfg, log_to_driver=True)
         totals["ray_init_s"] = time.perf_counter() - t_connect
         bar = tqdm(total=len(todo), unit="shard", desc="embed", dynamic_ncols=True)
         try:
@@ -743,20 +592,27 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             totals["t0"] = time.perf_counter()
             totals["t0_wall"] = time.time()
             remaining = todo
-            for attempt in range(1, cfg.embed.max_retries + 2):
+            tries = dict.fromkeys(stems, 0)  # passes charged to each shard
+            # each pass charges every unfinished shard, or fails a crashing one for good
+            max_passes = cfg.embed.max_retries + 1 + len(todo)
+            attempt = 0
+            while remaining and attempt < max_passes:
+                attempt += 1
                 result = _run_pass(
                     cfg, spec, embed_dir, remaining, signatures, attempt, bar, totals
                 )
-                for stem, (err, _) in result.items():
+                for stem, (err, _, charged) in result.items():
                     failed[stem] = err
+                    tries[stem] += int(charged)
                     logger.warning("embed: %s failed (pass %d): %s", stem, attempt, err)
                 for _, stem in remaining:  # this pass's shards that made it
                     if stem not in result:
                         failed.pop(stem, None)
-                retry = {s for s, (_, exhausted) in result.items() if not exhausted}
-                remaining = [(u, s) for u, s in remaining if s in retry]
-                if not remaining:
-                    break
+                remaining = [
+                    (u, s)
+                    for u, s in remaining
+                    if s in result and result[s][1] and tries[s] <= cfg.embed.max_retries
+                ]
         finally:
             bar.close()
             if started:
@@ -776,6 +632,7 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         "skipped_stage": False,
         "embeddings_dir": str(embed_dir),
         "teacher": asdict(spec),
+        "teacher_weights": weights,
         "image_dim": dims.get("image_dim"),
         "text_dim": dims.get("text_dim"),
         "shards": len(urls),

@@ -2,8 +2,10 @@
 
 ``megaclass eval CONFIG`` reads ``data.eval_shards`` (WebDataset shards whose sample json holds
 the ground-truth class under ``data.class_field``), embeds every image with each encoder in
-``eval.encoders``, and computes the SOP-protocol metrics of :mod:`megaclass.pipelines.retrieval`
-on the full features and on the first d dimensions (``eval.compact_dims``).
+``eval.encoders``, and computes the metrics of :mod:`megaclass.pipelines.retrieval` under
+``eval.protocol`` on the full features and on the first d dimensions (``eval.compact_dims``):
+``all`` (SOP, CUB, Cars: every image queries the others) or ``query_gallery`` (In-Shop: the
+samples whose json ``split`` is ``query`` search those whose ``split`` is ``gallery``).
 
 Encoder specs (``eval.encoders`` entries; ``label=spec`` names a column, e.g. ``ours=/x/export``):
 
@@ -16,7 +18,7 @@ Encoder specs (``eval.encoders`` entries; ``label=spec`` names a column, e.g. ``
 * any other string is a path: an exported ``encoder.safetensors``, a folder holding one, or a
   run directory (see :func:`megaclass.training.export.load_encoder`).
 
-Layout: ``RUN/eval/features/<encoder>.npz`` (float32 unit features, keys, classes) with a record
+Layout: ``RUN/eval/features/<encoder>.npz`` (float32 unit features, keys, classes, splits) with a record
 ``RUN/eval/_done/<encoder>.json`` written last, holding a fingerprint of the encoder's weights and
 of the eval shards; a re-run reuses features whose fingerprint still matches (a killed eval resumes
 per encoder; a retrained student is re-embedded). Then ``RUN/eval/metrics.json`` and, last,
@@ -33,6 +35,7 @@ import json
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +44,19 @@ from typing import Any
 import numpy as np
 import torch
 from megaclass.core.atomic import atomic_path, write_json_atomic
+from megaclass.core.errors import UserError
 from megaclass.core.rundir import RunDir
 from megaclass.data.reader import iter_samples
 from megaclass.data.shards import expand_shards
 from megaclass.data.stats import SampleStats
 from megaclass.pipelines.config import RunConfig, config_to_dict
-from megaclass.pipelines.retrieval import evaluate_features, resolve_device
+from megaclass.pipelines.retrieval import (
+    GALLERY,
+    QUERY,
+    evaluate_features,
+    resolve_device,
+    split_query_gallery,
+)
 from megaclass.training.checkpoint import latest_complete
 from megaclass.training.encoders import register_tiny_configs
 from megaclass.training.export import ENCODER_FILE, load_encoder
@@ -55,10 +65,12 @@ from megaclass.training.teachers import EFFICIENTNET_LITE0, OPEN_CLIP_PREFIX, lo
 log = logging.getLogger(__name__)
 
 MISSING_CLASS = "missing_class"
+SPLIT_FIELD = "split"
+"""Sample json key read for ``eval.protocol=query_gallery`` (written by ``megaclass data``)."""
 _LABEL_RE = re.compile(r"^([A-Za-z0-9_.+-]+)=(.+)$")
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Unusable eval input (no shards, no labelled samples, an encoder that cannot be found)."""
 
 
@@ -210,13 +222,15 @@ def embed_eval_set(
     class_field: str,
     max_pixels: int,
     batch_size: int,
-) -> tuple[list[str], list[str], SampleStats]:
-    """One pass over the shards feeding every encoder; returns keys, classes and read stats."""
+) -> tuple[list[str], list[str], list[str], SampleStats]:
+    """One pass over the shards feeding every encoder; returns keys, classes, splits (json
+    ``split``, '' when absent) and read stats."""
     from tqdm.auto import tqdm
 
     stats = SampleStats()
     keys: list[str] = []
     classes: list[str] = []
+    splits: list[str] = []
     batch: list[Any] = []
 
     def flush() -> None:
@@ -240,6 +254,8 @@ def embed_eval_set(
                     continue
                 keys.append(s.key)
                 classes.append(str(cls))
+                split = s.meta.get(SPLIT_FIELD)
+                splits.append("" if split is None else str(split))
                 batch.append(s.image)
                 if len(batch) >= batch_size:
                     flush()
@@ -250,22 +266,28 @@ def embed_eval_set(
             bar.update(n)
     finally:
         bar.close()
-    return keys, classes, stats
+    return keys, classes, splits, stats
 
 
-def _save_features(path: Path, x: np.ndarray, keys: list[str], classes: list[str]) -> None:
+def _save_features(
+    path: Path, x: np.ndarray, keys: list[str], classes: list[str], splits: list[str]
+) -> None:
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez(
             tmp,
             x=x.astype(np.float32),
             keys=np.asarray(keys, dtype=str),
             classes=np.asarray(classes, dtype=str),
+            splits=np.asarray(splits, dtype=str),
         )
 
 
-def _load_features(path: Path) -> tuple[np.ndarray, list[str], list[str]]:
+def _load_features(path: Path) -> tuple[np.ndarray, list[str], list[str], list[str] | None]:
+    """Features, keys, classes and splits; splits is None in files written before they were
+    stored, which makes the caller re-embed rather than guess them."""
     with np.load(path, allow_pickle=False) as z:
-        return z["x"], z["keys"].tolist(), z["classes"].tolist()
+        splits = z["splits"].tolist() if "splits" in z.files else None
+        return z["x"], z["keys"].tolist(), z["classes"].tolist(), splits
 
 
 # --------------------------------------------------------------------------------------
@@ -305,6 +327,7 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     info: dict[str, dict[str, Any]] = {}
     keys: list[str] | None = None
     classes: list[str] | None = None
+    splits: list[str] | None = None
     read_stats: dict[str, Any] | None = None
     pending: list[EncoderEntry] = []
     for sp in specs:
@@ -317,9 +340,9 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             and rec.get("data_signature") == data_sig
             and fpath.is_file()
         ):
-            x, k, c = _load_features(fpath)
-            if keys is None or (k == keys and c == classes):
-                feats[sp.name], keys, classes = x, k, c
+            x, k, c, spl = _load_features(fpath)
+            if spl is not None and (keys is None or (k == keys and c == classes and spl == splits)):
+                feats[sp.name], keys, classes, splits = x, k, c, spl
                 info[sp.name] = {**rec.get("info", {}), "cached": True}
                 read_stats = rec.get("read_stats", read_stats)
                 log.info("eval: reusing cached features of %s (%s)", sp.name, fpath)
@@ -332,7 +355,7 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             t0 = time.perf_counter()
             loaded.append(load_encoder_for_eval(sp, device))
             log.info("eval: loaded %s (%s) in %.1f s", sp.name, sp.spec, time.perf_counter() - t0)
-        k_new, c_new, stats = embed_eval_set(
+        k_new, c_new, s_new, stats = embed_eval_set(
             urls, loaded, cfg.data.class_field, cfg.data.max_image_pixels, ec.batch_size
         )
         if len(k_new) < 2:
@@ -340,7 +363,7 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
                 f"data.eval_shards: only {len(k_new)} labelled samples in {len(urls)} shard(s) "
                 f"({stats.summary()}); eval needs at least 2 with a '{cfg.data.class_field}' field"
             )
-        if keys is not None and (k_new != keys or c_new != classes):
+        if keys is not None and (k_new != keys or c_new != classes or s_new != splits):
             for name in feats:  # stale caches: drop their records so the next run re-embeds
                 RunDir.done_path(out_dir, _slug(name)).unlink(missing_ok=True)
             raise EvalError(
@@ -349,11 +372,11 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
                 + " were made from other samples than the shards hold now; their records are "
                 "removed, run eval again to re-embed them"
             )
-        keys, classes, read_stats = k_new, c_new, stats.as_dict()
+        keys, classes, splits, read_stats = k_new, c_new, s_new, stats.as_dict()
         for enc in loaded:
             x = np.concatenate(enc.chunks) if enc.chunks else np.zeros((0, 0), np.float32)
             slug = _slug(enc.spec.name)
-            _save_features(out_dir / "features" / f"{slug}.npz", x, keys, classes)
+            _save_features(out_dir / "features" / f"{slug}.npz", x, keys, classes, splits)
             meta = {
                 "kind": enc.spec.kind,
                 "spec": enc.spec.spec,
@@ -384,7 +407,20 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             )
         del loaded
 
-    assert keys is not None and classes is not None
+    assert keys is not None and classes is not None and splits is not None
+    split_counts = {(v or "(none)"): n for v, n in sorted(Counter(splits).items())}
+    outside: dict[str, int] = {}
+    if ec.protocol == "query_gallery":
+        q_idx, g_idx, outside = split_query_gallery(splits)
+        if not len(q_idx) or not len(g_idx):
+            raise EvalError(
+                f"eval.protocol=query_gallery needs samples whose json '{SPLIT_FIELD}' is "
+                f"'{QUERY}' and samples whose '{SPLIT_FIELD}' is '{GALLERY}'; data.eval_shards "
+                f"has {split_counts} (In-Shop shards from `megaclass data inshop` have them; "
+                "use eval.protocol=all for the other benchmarks)"
+            )
+        if outside:
+            log.warning("eval: samples outside query/gallery take no part: %s", outside)
     results: dict[str, Any] = {}
     for sp in specs:
         x = feats[sp.name]
@@ -398,6 +434,8 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             chunk_size=ec.chunk_size,
             device=device,
             skip_oversized=True,
+            protocol=ec.protocol,
+            splits=splits,
         )
         for d, why in res["compact_skipped"].items():
             log.warning("eval: %s: compact dimension %s skipped (%s)", sp.name, d, why)
@@ -413,6 +451,9 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             "classes": n_cls,
             "class_field": cfg.data.class_field,
             "read": read_stats,
+            "protocol": ec.protocol,
+            "splits": split_counts,
+            "outside_protocol": {(v or "(none)"): n for v, n in outside.items()},
         },
         "settings": {**config_to_dict(ec), "device": str(device)},
         "encoders": results,
@@ -509,9 +550,13 @@ def format_table(summary: dict[str, Any]) -> str:
         )
 
     es = summary.get("eval_set", {})
+    if summary.get("settings", {}).get("protocol") == "query_gallery":
+        how = "query/gallery protocol; metrics in %; queries without a gallery match excluded"
+    else:
+        how = "SOP protocol; metrics in %; singleton classes excluded as queries"
     title = (
         f"Retrieval on held-out classes: {es.get('n', '?')} images, {es.get('classes', '?')} "
-        f"classes (SOP protocol; metrics in %; singleton classes excluded as queries)"
+        f"classes ({how})"
     )
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([title, fmt(header), sep, *[fmt(r) for r in lines]])

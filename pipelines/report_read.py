@@ -89,6 +89,7 @@ def read_config(rd: RunDir) -> dict[str, Any]:
             "data.eval_shards": g("data", "eval_shards"),
             "embed.image_teacher": g("embed", "image_teacher"),
             "embed.text_teacher": g("embed", "text_teacher"),
+            "embed.embeddings_dir": g("embed", "embeddings_dir"),
             "cluster.feature": g("cluster", "feature"),
             "cluster.k": g("cluster", "k"),
             "cluster.backend": g("cluster", "backend"),
@@ -461,6 +462,11 @@ def read_run(rd: RunDir) -> RunData:
     }
     config = read_config(rd)
     byo_labels = (config.get("key_settings") or {}).get("assign.labels_dir")
+    byo_emb = (config.get("key_settings") or {}).get("embed.embeddings_dir")
+    if byo_emb and stages["embed"]["status"] == "missing":  # `megaclass run` skips embed then
+        stages["embed"] = _section(
+            "skipped", note=f"bring-your-own embeddings (embed.embeddings_dir = {byo_emb}): not run"
+        )
     if byo_labels:  # `megaclass run` skips these three stages: not missing, skipped by design
         for name in ("embed", "cluster", "assign"):
             if stages[name]["status"] == "missing":

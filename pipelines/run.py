@@ -20,6 +20,10 @@ read; the deletion just keeps the run directory clean). Torn multi-file outputs 
 without its ``_done`` record, a checkpoint folder without its marker) are the stages' own
 business: they redo or ignore them.
 
+The run holds the run directory's lock (core/lock.py) from start to end, so a second
+``megaclass`` on the same run directory is refused instead of deleting this one's temporaries
+and checkpoints; the stages it calls in-process take the same lock reentrantly.
+
 Training with ``train.nproc > 1`` is launched by the train stage itself as a subprocess
 (``train.launcher``: torchrun or the deepspeed launcher); a local Ray instance started by
 the Ray stages is shut down first so that the ranks get the CPUs.
@@ -30,13 +34,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megaclass.core.rundir import ConfigChangedError, RunDir
+from megaclass.core.rundir import RunDir
 from megaclass.core.stages import PIPELINE, STAGES, load_entry
 from megaclass.data.labels import label_path
 from megaclass.data.shards import expand_shards, shard_stem
@@ -163,7 +168,15 @@ def run_pipeline(
     A training run stopped by SIGUSR1/SIGTERM (checkpointed, no _SUCCESS.json) ends the
     pipeline early with ``interrupted`` True; run it again to resume.
     """
-    RunDir(cfg.run_dir).write_config(cfg, force)
+    rd = RunDir(cfg.run_dir)
+    with rd.lock():  # reentrant: `megaclass run` holds it already; the stages run in-process
+        return _run_locked(cfg, rd, force, stages)
+
+
+def _run_locked(
+    cfg: RunConfig, rd: RunDir, force: bool, stages: tuple[str, ...] | list[str]
+) -> dict[str, Any]:
+    rd.write_config(cfg, force)
     _pin_local_ray(cfg)
     result: dict[str, Any] = {"run_dir": str(cfg.run_dir), "stages": {}, "interrupted": False}
     t_all = time.time()
@@ -204,21 +217,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--stages", default=",".join(PIPELINE), help="comma-separated subset, in order")
     ap.add_argument("--force", action="store_true", help="resume even if the config changed")
+    ap.add_argument("--debug", action="store_true", help="tracebacks of user errors too")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
+    from megaclass.pipelines.cli import run_guarded
+
+    def go() -> int:
         cfg = load_config(args.config, args.overrides)
         stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-        run_pipeline(cfg, force=args.force, stages=stages)
-    except ConfigError as e:
-        print(f"megaclass run: config error: {e}", file=sys.stderr)
-        return 2
-    except ConfigChangedError as e:
-        print(f"megaclass run: {e}", file=sys.stderr)
-        return 2
-    return 0  # an interrupted (checkpointed) training also exits 0, like the trainer
+        given = sys.argv[1:] if argv is None else argv
+        command = shlex.join(["python", "-m", "megaclass.pipelines.run", *given])
+        with RunDir(cfg.run_dir).lock(command):  # run_pipeline re-enters it
+            run_pipeline(cfg, force=args.force, stages=stages)
+        return 0  # an interrupted (checkpointed) training also exits 0, like the trainer
+
+    return run_guarded(go, debug=args.debug)
 
 
 if __name__ == "__main__":

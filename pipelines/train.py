@@ -19,29 +19,33 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from megaclass.core.lock import TOKEN_ENV, RunDirLockedError
 from megaclass.core.net import free_port
 from megaclass.core.rundir import RunDir
 from megaclass.data.labels import file_sha256
 from megaclass.pipelines.config import (
-    ConfigError,
     RunConfig,
     dump_config,
     labels_dir_of,
     load_config,
 )
+from megaclass.pipelines.export import hub_dataset_ids
 from megaclass.training import checkpoint as ckpt
 from megaclass.training.config import TrainJob
 from megaclass.training.engine import shutdown_distributed
 from megaclass.training.export import export_encoder
+from megaclass.training.tracking import require_wandb
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ def run_train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     """
     rd = RunDir(cfg.run_dir)
     rd.write_config(cfg, force)
+    if cfg.train.wandb_project:
+        require_wandb()  # a missing package fails here, before any rank starts
     if cfg.train.nproc > 1 and not _under_launcher():
         return _launch_local(cfg, rd)
 
@@ -141,6 +147,8 @@ def export_run(cfg: RunConfig, rd: RunDir, summary: dict[str, Any], model: Any) 
     card = {
         "training": {k: v for k, v in summary.items() if k != "export"},
         "data": {"shards": cfg.data.shards, "labels": str(labels_dir_of(cfg))},
+        "objective": cfg.train.objective,
+        "datasets": hub_dataset_ids(cfg.data.shards),
         "eval": eval_numbers,
         "config": dump_config(cfg),
     }
@@ -148,7 +156,13 @@ def export_run(cfg: RunConfig, rd: RunDir, summary: dict[str, Any], model: Any) 
 
 
 def _launch_local(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
-    """Start ``train.nproc`` ranks on this machine (torchrun or the deepspeed launcher)."""
+    """Start ``train.nproc`` ranks on this machine (torchrun or the deepspeed launcher).
+
+    The run directory's lock is held (reentrantly) for as long as the ranks run; they learn
+    through MEGACLASS_LOCK_TOKEN that their launcher holds it (core/lock.py), and each holds
+    the shared rank lock while it lives, so a new run waits for ranks that outlive a killed
+    driver (checkpointing on their way out) instead of deleting their files.
+    """
     n, port = str(cfg.train.nproc), str(free_port())
     if cfg.train.launcher == "deepspeed":
         head = ["-m", "deepspeed.launcher.runner", "--num_gpus", n, "--master_port", port]
@@ -157,37 +171,81 @@ def _launch_local(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         head = ["-m", "torch.distributed.run", "--nproc_per_node", n, "--master_port", port]
         head += ["-m", "megaclass.pipelines.train"]
     cmd = [sys.executable, *head, str(rd.config_path)]
-    log.info("launching: %s", " ".join(cmd))
-    res = run_tied_to_parent(cmd)
+    with rd.lock(f"megaclass train {rd.config_path} (train.nproc={n})") as held:
+        env = dict(os.environ)
+        if held is not None:
+            env[TOKEN_ENV] = held.env_value()
+        log.info("launching: %s", " ".join(cmd))
+        res = run_tied_to_parent(cmd, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"the training ranks exited with {res.returncode}: {' '.join(cmd)}")
     return rd.read_success("train") or {"interrupted": True}
 
 
-def run_tied_to_parent(cmd: list[str]) -> subprocess.CompletedProcess:
+def run_tied_to_parent(
+    cmd: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd)``, but on Linux the child gets SIGTERM when this process dies.
 
     The launcher (torchrun / deepspeed) starts the ranks in sessions of their own, so a killed
     driver (SIGKILL, OOM) would otherwise leave them training on — and a restarted run would
     then train twice into one run directory. torchrun forwards the SIGTERM to the ranks, whose
-    signal handler checkpoints and exits; the restart resumes from that checkpoint.
+    signal handler checkpoints and exits; the restart resumes from that checkpoint. Should the
+    launcher itself be SIGKILLed, each rank dies with it too (:func:`die_with_launcher`).
     """
-    return subprocess.run(cmd, preexec_fn=_die_with_parent(os.getpid()))
+    return subprocess.run(cmd, env=env, preexec_fn=_die_with_parent(os.getpid()))
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl (Linux), resolved here: a child between fork and exec must not import."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _die_with_parent(parent: int) -> Callable[[], None] | None:
-    if not sys.platform.startswith("linux"):
+    prctl = _prctl()
+    if prctl is None:
         return None
 
     def arm() -> None:  # runs in the child between fork and exec
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before the prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)
 
     return arm
+
+
+def die_with_launcher(poll_s: float = 1.0) -> None:
+    """Make this rank get SIGTERM when its launcher (the parent process) dies.
+
+    Why: torchrun and the deepspeed launcher start the ranks in sessions of their own, so a
+    SIGKILL to the launcher (or to the job's process group) would leave the ranks training on,
+    writing into a run directory that a restarted run then also writes. SIGTERM takes the
+    trainer's signal path: checkpoint at the next step, exit 0; before that handler is
+    installed (start-up) SIGTERM simply ends the process, which has written nothing yet.
+    Linux: PR_SET_PDEATHSIG, then a check that the parent did not die before it took effect.
+    Elsewhere: a daemon thread that watches the parent pid every ``poll_s`` seconds.
+    """
+    parent = os.getppid()  # (1 is no proof of a dead launcher: in a container it may be init)
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="megaclass-launcher-watch", daemon=True).start()
 
 
 def reshard_main(argv: list[str]) -> int:
@@ -202,7 +260,8 @@ def reshard_main(argv: list[str]) -> int:
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
     args = ap.parse_args(argv)
 
-    root = RunDir(args.run_dir).ckpt
+    rd = RunDir(args.run_dir)
+    root = rd.ckpt
     if args.step is None:
         folder = ckpt.latest_complete(root)
         if folder is None:
@@ -211,8 +270,9 @@ def reshard_main(argv: list[str]) -> int:
     else:
         folder = root / ckpt.step_tag(args.step)
     try:
-        ckpt.reshard(folder, args.world_size)
-    except ckpt.CheckpointError as e:
+        with rd.lock(shlex.join(["megaclass", "train", "reshard", *argv])):  # rewrites ckpt/
+            ckpt.reshard(folder, args.world_size)
+    except (ckpt.CheckpointError, RunDirLockedError) as e:
         print(f"megaclass: {e}", file=sys.stderr)
         return 2
     print(f"{folder}: ready for {args.world_size} ranks")
@@ -220,14 +280,23 @@ def reshard_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry for launchers: ``python -m megaclass.pipelines.train CONFIG [overrides] [--force]``."""
+    """Entry for launchers: ``python -m megaclass.pipelines.train CONFIG [overrides] [--force]``.
+
+    Under a launcher the rank first ties its life to the launcher (:func:`die_with_launcher`);
+    then it holds the run directory's lock as core/lock.py decides (rank 0 of an external
+    launcher takes it, ranks launched by ``megaclass train``/``run`` share their driver's).
+    A user error prints one line and exits 2 (``--debug``/MEGACLASS_DEBUG=1: with traceback).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _under_launcher():
+        die_with_launcher()
     if argv[:1] == ["reshard"]:
         return reshard_main(argv[1:])
     ap = argparse.ArgumentParser(prog="megaclass.pipelines.train")
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="tracebacks of user errors too")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None)  # deepspeed adds it
     args = ap.parse_args(argv)
     logging.basicConfig(
@@ -235,15 +304,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(args.local_rank)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        run_train(cfg, force=args.force)  # raises ConfigError too (e.g. train.precision)
-    except ConfigError as e:
-        print(f"megaclass: config error: {e}", file=sys.stderr)
-        return 2
+    from megaclass.pipelines.cli import run_guarded
 
-    shutdown_distributed()  # a live gloo group at exit can abort a finished rank (status -6)
-    return 0
+    def go() -> int:
+        cfg = load_config(args.config, args.overrides)
+        command = shlex.join(["python", "-m", "megaclass.pipelines.train", *argv])
+        try:
+            with RunDir(cfg.run_dir).lock(command):
+                run_train(cfg, force=args.force)  # raises ConfigError too (train.precision)
+        except Exception:
+            shutdown_distributed(barrier=False)  # exit with the message, not a gloo abort
+            raise
+        shutdown_distributed()  # a live gloo group at exit can abort a finished rank (-6)
+        return 0
+
+    return run_guarded(go, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -30,22 +30,48 @@ def _png(w: int, h: int, mode: str = "RGB") -> bytes:
     return buf.getvalue()
 
 
-def write_raw_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    """A tar with exactly these members in this order (duplicates allowed, unlike the writer)."""
+def _image_as(fmt: str, w: int = 8, h: int = 8) -> bytes:
+    """A small image encoded by Pillow in format ``fmt`` ('GIF', 'BMP', 'TIFF', 'WEBP', …)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 30, 30)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# The start of an Encapsulated PostScript file: Pillow's EPS plugin would parse it and hand the
+# pixels to Ghostscript; named .jpg in a shard it must be refused by signature, never opened.
+EPS_PAYLOAD = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n"
+
+
+def write_raw_tar(path: Path, members: list[tuple[str, bytes | int]]) -> Path:
+    """A tar with exactly these members in this order (duplicates allowed, unlike the writer).
+
+    A member given as an ``int`` is that many zero bytes written as a hole (a sparse file), so
+    a test can carry a member over the reader's 256 MiB limit without writing it. Names may
+    hold lone surrogates (``"k\\udcff"``): they are written as the raw byte, as a broken
+    writer would.
+    """
     with tarfile.open(path, "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
+            if isinstance(data, int):
+                info.size = data
+                header = info.tobuf(tar.format, tar.encoding, tar.errors)
+                tar.fileobj.write(header)
+                padded = -(-data // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                tar.fileobj.seek(padded, io.SEEK_CUR)  # the next write leaves a hole
+                tar.offset += len(header) + padded
+                continue
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return path
 
 
-def _sample(key: str, img: bytes | None, caption: str | None, meta, ext="jpg"):
+def _sample(key: str, img: bytes | None, caption: str | bytes | None, meta, ext="jpg"):
     out = []
     if img is not None:
         out.append((f"{key}.{ext}", img))
     if caption is not None:
-        out.append((f"{key}.txt", caption.encode()))
+        out.append((f"{key}.txt", caption if isinstance(caption, bytes) else caption.encode()))
     if meta is not None:
         out.append((f"{key}.json", meta if isinstance(meta, bytes) else json.dumps(meta).encode()))
     return out
@@ -58,6 +84,8 @@ def data_helpers():
     class H:
         jpeg = staticmethod(_jpeg)
         png = staticmethod(_png)
+        image_as = staticmethod(_image_as)
+        eps = EPS_PAYLOAD
         raw_tar = staticmethod(write_raw_tar)
         sample = staticmethod(_sample)
 

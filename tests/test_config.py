@@ -62,6 +62,7 @@ def test_run_dir_refuses_changed_config(tmp_path):
     rd.write_config(cfg)  # same config: fine
     stored = yaml.safe_load(rd.config_path.read_text())
     assert stored["cluster"]["k"] == 8
+    RunDir.write_done(rd.embed, "shard-0", {})  # stage output: the config is no longer provisional
     changed = load_config(None, [f"run_dir={tmp_path / 'run'}", "cluster.k=9"])
     with pytest.raises(ConfigChangedError, match=r"cluster\.k: 8 -> 9"):
         rd.write_config(changed)
@@ -72,6 +73,7 @@ def test_run_dir_refuses_changed_config(tmp_path):
 def test_run_dir_ignores_where_it_runs(tmp_path):
     rd = RunDir(tmp_path / "run")
     rd.write_config(load_config(None, ["slurm.time=01:00:00"]))
+    RunDir.write_done(rd.embed, "shard-0", {})  # stage output: the config is no longer provisional
     rd.write_config(load_config(None, ["slurm.time=02:00:00", "ray.address=auto"]))  # no error
     with pytest.raises(ConfigChangedError):
         rd.write_config(load_config(None, ["train.steps=7"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 
 import pytest
@@ -139,3 +140,102 @@ def test_oversized_member_is_skipped_unread(tmp_path, data_helpers):
     keys = [s.key for s in iter_samples(str(path), stats, max_file_bytes=4096)]
     assert keys == ["a", "d"]
     assert dict(stats.skipped) == {"oversized_file": 1, "bad_json": 1}
+
+
+# ----------------------------------------------------------------------------------------
+# samples that used to fail a whole shard downstream, formats, and memory bounds
+
+
+def test_bad_key_and_bad_metadata_are_skipped_and_counted(tmp_path, data_helpers):
+    """A raw non-UTF-8 byte in a member name and a lone surrogate in the json are skipped per
+    sample (``bad_key``, ``bad_metadata``); valid escapes (a surrogate pair) are kept, and the
+    stats themselves stay writable as UTF-8."""
+    good = data_helpers.jpeg(16, 16, 0)
+    members = data_helpers.sample("g0", good, "fine", {})
+    members += data_helpers.sample("raw\udcffbyte", good, "name with a raw byte", {})
+    members += data_helpers.sample("lone", good, "x", b'{"note": "\\ud800 alone"}')
+    members += data_helpers.sample("pair", good, "x", b'{"note": "\\ud83d\\ude00 \\u00e9"}')
+    members += data_helpers.sample("g1", good, None, {"caption": "from json"})
+    path = data_helpers.raw_tar(tmp_path / "k.tar", members)
+    stats = SampleStats()
+    samples = list(iter_samples(str(path), stats))
+    assert [s.key for s in samples] == ["g0", "pair", "g1"]
+    assert samples[1].meta == {"note": "\U0001f600 \u00e9"}
+    assert dict(stats.skipped) == {"bad_key": 1, "bad_metadata": 1}
+    assert stats.seen == stats.kept + stats.total_skipped == 5
+    text = json.dumps(stats.as_dict(), ensure_ascii=False)
+    text.encode("utf-8")  # no lone surrogate reached the example list
+    assert "raw\\\\udcffbyte" in text
+
+
+def test_only_jpeg_png_webp_are_decoded(tmp_path, data_helpers, monkeypatch):
+    """Whatever the member is called, only JPEG, PNG and WEBP bytes reach a Pillow parser: a GIF,
+    BMP, TIFF or EPS named .jpg is ``unsupported_format`` (the EPS plugin, which would hand the
+    bytes to Ghostscript, is never entered); a PNG named .jpg is fine."""
+    from PIL import EpsImagePlugin
+
+    entered = []
+
+    def spy(self):  # noqa: ANN001
+        entered.append(self)
+        raise AssertionError("the EPS parser ran on untrusted bytes")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", spy)
+    members = []
+    for key, payload in [
+        ("gif", data_helpers.image_as("GIF")),
+        ("bmp", data_helpers.image_as("BMP")),
+        ("tiff", data_helpers.image_as("TIFF")),
+        ("eps", data_helpers.eps),
+        ("png", data_helpers.image_as("PNG")),
+        ("garbage", b"not an image at all"),
+    ]:
+        members += data_helpers.sample(key, payload, f"{key} named .jpg", {})
+    members += data_helpers.sample("webp", data_helpers.image_as("WEBP"), "webp", {}, ext="webp")
+    path = data_helpers.raw_tar(tmp_path / "f.tar", members)
+    for decode in (True, False):
+        stats = SampleStats()
+        keys = [s.key for s in iter_samples(str(path), stats, decode=decode)]
+        assert keys == ["png", "webp"]
+        assert dict(stats.skipped) == {"unsupported_format": 4, "undecodable_image": 1}
+        details = {e["key"]: e["detail"] for e in stats.examples}
+        assert details["eps"].startswith("EPS image; only JPEG, PNG, WEBP")
+        assert details["gif"].startswith("GIF image")
+    assert entered == []
+
+
+def test_members_are_bounded(tmp_path, data_helpers):
+    """Members of other extensions are passed over unread (not even counted as oversized), a
+    caption is cut at the cap on a character boundary and the sample kept, a json over its cap
+    is skipped unread; both caps are parameters."""
+    good = data_helpers.jpeg(8, 8, 0)
+    members = data_helpers.sample("a", good, "short", {})
+    members += [("a.cls", b"3"), ("a.npy", b"\x00" * 6000)]  # over max_file_bytes, not used
+    members += data_helpers.sample("b", good, "é" * 3000, {})  # 6000 bytes of 2-byte chars
+    members += data_helpers.sample("c", good, "x", b'{"pad": "' + b"y" * 3000 + b'"}')
+    members += data_helpers.sample("d", good, None, {"caption": "ü" * 100})  # json caption
+    members += data_helpers.sample("e", good, "ok", {})
+    path = data_helpers.raw_tar(tmp_path / "m.tar", members)
+    stats = SampleStats()
+    samples = {
+        s.key: s
+        for s in iter_samples(
+            str(path), stats, max_file_bytes=4096, max_caption_bytes=101, max_json_bytes=2048
+        )
+    }
+    assert sorted(samples) == ["a", "b", "d", "e"]
+    assert samples["b"].caption == "é" * 50  # 101 bytes would split a character: 100 kept
+    assert samples["d"].caption == "ü" * 50
+    assert dict(stats.skipped) == {"json_too_large": 1}
+    assert dict(stats.noted) == {"ignored_member": 2, "caption_truncated": 2}
+    assert stats.seen == stats.kept + stats.total_skipped == 5
+
+    # defaults: 64 KiB captions, 1 MiB json; a sparse 300 MiB member of another kind is skipped
+    members = data_helpers.sample("big", good, "c" * 70_000, {"k": "v"}) + [("big.bin", 300 << 20)]
+    members += data_helpers.sample("j", good, "x", b'{"p": "' + b"y" * (1 << 20) + b'"}')
+    path = data_helpers.raw_tar(tmp_path / "d.tar", members)
+    stats = SampleStats()
+    samples = list(iter_samples(str(path), stats))
+    assert [s.key for s in samples] == ["big"] and len(samples[0].caption) == 65536
+    assert dict(stats.skipped) == {"json_too_large": 1}
+    assert dict(stats.noted) == {"ignored_member": 1, "caption_truncated": 1}

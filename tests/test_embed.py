@@ -16,23 +16,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from megaclass.core.rundir import RunDir
 from megaclass.data.reader import iter_samples
 from megaclass.data.shards import shard_stem
 from megaclass.data.stats import SampleStats
 from megaclass.data.writer import ShardWriter
 from megaclass.pipelines.config import DataConfig, EmbedConfig, RayConfig, RunConfig, load_config
-from megaclass.pipelines.embed import (
-    EMBED_FAULT_ENV,
-    EmbedError,
-    TeacherSpec,
-    _fault_plan,
-    actor_threads,
-    done_matches,
-    finish_stage,
-    input_signature,
-    run_embed,
-)
-from megaclass.core.rundir import RunDir
+from megaclass.pipelines.embed import EmbedError, done_matches, finish_stage, run_embed
+from megaclass.pipelines.embed_actor import EMBED_FAULT_ENV, TeacherSpec, actor_threads, fault_plan
+from megaclass.pipelines.embed_decode import input_signature
 from megaclass.training.teachers import load_teacher
 from PIL import Image
 
@@ -280,10 +272,10 @@ def test_unschedulable_reservations_are_an_error(local_ray, tmp_path):
 
 def test_fault_plan_parsing(monkeypatch):
     monkeypatch.setenv(EMBED_FAULT_ENV, "a:1, dir-b:99")
-    assert _fault_plan() == {"a": 1, "dir-b": 99}
+    assert fault_plan() == {"a": 1, "dir-b": 99}
     monkeypatch.setenv(EMBED_FAULT_ENV, "a")
     with pytest.raises(ValueError, match=EMBED_FAULT_ENV):
-        _fault_plan()
+        fault_plan()
     assert [actor_threads(c) for c in (0.25, 0.75, 1.0, 1.5, 4.0)] == [1, 1, 1, 2, 4]
 
 

@@ -27,7 +27,14 @@ def test_open_clip_export_loads_in_open_clip_with_same_features(tmp_path):
     model = build_student(tc, image_size=32)
     _perturb(model)
     paths = export_encoder(model, tmp_path, {"training": {"steps": 3}}, seed=0)
-    assert set(paths) == {"encoder", "encoder_config", "open_clip", "model_card"}
+    assert set(paths) == {
+        "encoder",
+        "encoder_config",
+        "open_clip",
+        "open_clip_config",
+        "model_card",
+        "hub_card",
+    }
     register_tiny_configs()
     clip = open_clip.create_model("megaclass-tiny-vit", pretrained=paths["open_clip"]).eval()
     enc, tf = load_encoder(tmp_path)

@@ -142,9 +142,12 @@ def _dense(g):
 
 
 def _compare(
-    rank, world, name, kw, *, k=1, multi=False, rate=1.0, frate=1.0, thresh=None, c=C, avg=False
-):
-    """Run the head on this rank's slice and compare with the reference; returns (fails, info)."""
+    rank, world, name, kw, *, k=1, multi=False, rate=1.0, frate=1.0, thresh=None, c=C, avg=False,
+    chunk=None, sparse=None,
+):  # fmt: skip
+    """Run the head on this rank's slice and compare with the reference; returns (fails, info).
+    ``chunk``/``sparse``: the head's ``class_chunk``/``sparse_grad`` (test_partial_fc_chunked.py);
+    ``info`` carries the head's loss and gradients for comparisons between heads."""
     fails: list[str] = []
     seed = zlib.crc32(f"{name}{k}{multi}{rate}".encode()) % 1000
     w, emb, labels = make_data(k, multi, seed=seed, c=c)
@@ -152,7 +155,8 @@ def _compare(
     head = PartialFC(
         c, D, sample_rate=rate, feature_rate=frate, margin=name, scale=SCALE,
         num_subcenters=k, multi_label=multi, interclass_threshold=thresh, seed=SEED,
-        dtype=torch.float64, margin_kwargs=kw, grad_average=avg,
+        dtype=torch.float64, margin_kwargs=kw, grad_average=avg, class_chunk=chunk,
+        sparse_grad=sparse,
     )  # fmt: skip
     head.load_full_weight(w)
     x = emb[rank * b : (rank + 1) * b].clone().requires_grad_(True)
@@ -175,12 +179,16 @@ def _compare(
     er = emb.clone().requires_grad_(True)
     ref = ref_loss(name, kw, er, wr, labels, classes=classes, dims=st.dims, thresh=thresh)
     ref.backward()
-    tag = f"{name} k={k} multi={multi} r={rate} f={frate} rank={rank}/{world}"
+    tag = f"{name} k={k} multi={multi} r={rate} f={frate} chunk={chunk} rank={rank}/{world}"
     _close(loss.detach(), ref.detach(), f"{tag} loss", fails)
     factor = world if avg else 1  # grad_average=True: ready for DDP-style averaging
     _close(x.grad, factor * er.grad[rank * b : (rank + 1) * b], f"{tag} d/d embeddings", fails)
+    info["sparse_grad"] = head.weight.grad.is_sparse
     gw = _dense(head.weight.grad).view(count, k, D)
     _close(gw, wr.grad[start : start + count], f"{tag} d/d centres", fails)
+    info.update(loss=loss.detach(), d_x=x.grad, d_w=gw, n_sampled=count)
+    if st.class_index is not None:
+        info["n_sampled"] = len(st.class_index)
     return fails, info
 
 

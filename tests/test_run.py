@@ -133,6 +133,7 @@ def test_cli_refuses_a_changed_config_with_a_message(tmp_path, capsys):
 
     run = tmp_path / "run"
     RunDir(run).write_config(load_config(None, [f"run_dir={run}", "cluster.k=5"]))
+    RunDir.write_done(RunDir(run).embed, "shard-0", {})  # stage output: config not provisional
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"run_dir": str(run)}))
     assert cli_main(["run", str(tmp_path / "c.yaml"), "cluster.k=6"]) == 2
     err = capsys.readouterr().err

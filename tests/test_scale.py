@@ -35,5 +35,7 @@ def test_laion_shaped_run_at_2000_shards(tmp_path: Path) -> None:
     ]
     assert steps[-1] == 20
     assert (run / "export").is_dir() and (run / "report.html").is_file()
+    report = json.loads((run / "report.json").read_text())
+    assert report["missing"] == [] and report["stages"]["embed"]["status"] == "skipped"
     ev = json.loads((run / "eval" / "_SUCCESS.json").read_text())
     assert ev["skipped"] and "data.eval_shards is empty" in ev["note"]

@@ -6,13 +6,22 @@ Layout (one folder per checkpoint, docs/architecture.md)::
         mp_rank_00_model_states.pt, zero_pp_rank_*   DeepSpeed (backbone, its optimizer, schedule)
         head/rank-00000-of-00002.pt                  per rank: head shard, head optimizer and
                                                      schedule, RNG states, loader state, counters
-        COMPLETE.json                                written LAST by rank 0 after a barrier
+        COMPLETE.json                                written LAST by rank 0 after a barrier;
+                                                     records size + sha256 of every file above
         reshard-ws1.json                             written by `megaclass train reshard` (last)
         head-ws1/rank-00000-of-00001.pt              head re-split for 1 rank
-    RUN/train/ckpt/step-0000100_universal/           DeepSpeed universal checkpoint (ZeRO>0 only)
+    RUN/train/ckpt/step-0000100_universal/           DeepSpeed universal checkpoint (ZeRO>0 only),
+        COMPLETE.json                                its own marker (converted in a temporary folder,
+                                                     marker last, then renamed into place)
 
 Only folders with ``COMPLETE.json`` count; a run killed mid-save leaves an incomplete folder
 that resume ignores and the next save removes.
+
+Why a file record in the marker: the marker proves the save finished, not that the bytes are
+still there. Every file is fsynced by the rank that wrote it before the marker, and the marker
+lists each file's size and sha256; resume checks them and falls back to the previous checkpoint
+(with a warning naming the file) when one is missing, truncated or corrupt. Markers written
+before records were kept load unverified, with a note.
 
 Why the head is separate: it is model-parallel (each rank owns a slice of the class centres),
 so DeepSpeed must neither broadcast nor average it, and its state is different on every rank.
@@ -20,30 +29,45 @@ so DeepSpeed must neither broadcast nor average it, and its state is different o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from megaclass.core.atomic import atomic_path, write_json_atomic
+from megaclass.core.atomic import (
+    atomic_path,
+    fsync_dir,
+    fsync_file,
+    fsync_tree,
+    write_json_atomic,
+    write_text_atomic,
+)
+from megaclass.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE.json"
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 _STEP_RE = re.compile(r"^step-(\d{7})$")
+FILES_KEY = "files"
+"""Marker key: {relative path: {"size": bytes, "sha256": hex}} of every file of the save."""
+_HEAD_SHARD_RE = re.compile(r"(?:^|/)rank-(\d{5})-of-\d{5}\.pt$")
+_DS_RANK_RE = re.compile(r"zero_pp_rank_(\d+)_")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used as asked; the message says which folder and what to do."""
 
 
@@ -68,13 +92,169 @@ def list_checkpoints(root: str | Path, complete_only: bool = True) -> list[tuple
     return sorted(out)
 
 
-def latest_complete(root: str | Path) -> Path | None:
+def latest_complete(root: str | Path, verify: bool = True) -> Path | None:
+    """The newest complete checkpoint whose files match its marker's record (None: none).
+
+    A checkpoint that fails the check is skipped with a warning naming the file, so eval,
+    export and ``train reshard`` never read a torn or corrupt one. ``verify=False``: the
+    newest with a marker, unchecked (reads no data).
+    """
     ck = list_checkpoints(root)
-    return ck[-1][1] if ck else None
+    if not verify:
+        return ck[-1][1] if ck else None
+    for _step, folder in reversed(ck):
+        if not _problems_or_note(folder, _verify_all(folder)):
+            return folder
+    return None
 
 
 def read_marker(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / MARKER).read_text())
+    path = Path(ckpt) / MARKER
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint marker ({e})") from e
+    if not isinstance(marker, dict) or "step" not in marker or "world_size" not in marker:
+        raise CheckpointError(f"{path}: not a checkpoint marker (no step / world_size)")
+    return marker
+
+
+# --------------------------------------------------------------------------------------
+# File records: written at save, checked at restore
+# --------------------------------------------------------------------------------------
+
+
+def file_digest(path: Path, chunk: int = 8 << 20) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of ``path``, read in ``chunk``-byte blocks.
+
+    Why sha256: stdlib, and at the ~0.7-2 GB/s measured here (benchmarks/atomic_fsync.py) a
+    rank's share of a checkpoint (its ZeRO optimizer shard and head shard, a few hundred MB to
+    a few GB) costs about a second per save; a CRC would be faster but catches less.
+    """
+    h = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            size += n
+    return size, h.hexdigest()
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """Relative paths of the files a save wrote (not the marker, not stray temporaries)."""
+    out = []
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            rel = (Path(dirpath) / name).relative_to(folder).as_posix()
+            if rel != MARKER and not name.startswith(".tmp-"):
+                out.append(rel)
+    return sorted(out)
+
+
+def file_owner(rel: str, world: int) -> int:
+    """The rank that wrote ``rel`` in a save: it fsyncs and hashes that file.
+
+    Head shards and DeepSpeed's ``*zero_pp_rank_<r>_*`` files belong to their rank (DeepSpeed's
+    data-parallel rank is the global rank: the engine has no model parallelism here); shared
+    files (``mp_rank_00_model_states.pt``, ``zero_to_fp32.py``) are written by rank 0. Why the
+    writer: on a shared filesystem only the node that wrote a file can flush its cache.
+    """
+    m = _HEAD_SHARD_RE.search(rel) or _DS_RANK_RE.search(Path(rel).name)
+    return int(m.group(1)) % world if m else 0
+
+
+def record_files(folder: Path, rels: list[str]) -> dict[str, dict[str, Any]]:
+    """fsync each file and return its {"size", "sha256"} record."""
+    rec = {}
+    for rel in rels:
+        fsync_file(folder / rel)
+        size, digest = file_digest(folder / rel)
+        rec[rel] = {"size": size, "sha256": digest}
+    return rec
+
+
+def check_file(folder: Path, rel: str, want: dict[str, Any]) -> str | None:
+    """None if ``folder/rel`` matches its record, else what is wrong with it (names the file)."""
+    path = folder / rel
+    if not path.is_file():
+        return f"{path}: missing"
+    size = path.stat().st_size
+    if size != int(want["size"]):
+        return f"{path}: {size} bytes, the marker recorded {want['size']} (truncated or rewritten)"
+    if file_digest(path)[1] != want["sha256"]:
+        return f"{path}: sha256 differs from the marker's record (corrupt)"
+    return None
+
+
+def verify_share(
+    folder: Path, record: dict[str, dict[str, Any]], rank: int = 0, world: int = 1
+) -> list[str]:
+    """Problems in this rank's share of ``record`` (all of it for ``world=1``).
+
+    Shares are balanced by bytes (largest file to the least-loaded rank) so a restore on many
+    ranks reads each byte once, in parallel, instead of every rank hashing everything.
+    """
+    load = [0] * world
+    mine = []
+    for rel, want in sorted(record.items(), key=lambda kv: (-int(kv[1]["size"]), kv[0])):
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += int(want["size"])
+        if r == rank:
+            mine.append(rel)
+    return [p for rel in mine if (p := check_file(folder, rel, record[rel])) is not None]
+
+
+def _verify_all(folder: Path) -> list[str] | None:
+    """This process checks every recorded file (None: the marker has no record)."""
+    try:
+        marker = read_marker(folder)
+    except CheckpointError as e:
+        return [str(e)]
+    record = marker.get(FILES_KEY)
+    return None if record is None else verify_share(folder, record)
+
+
+def _verify_collective(folder: Path, rank: int, world: int) -> list[str] | None:
+    """Like :func:`_verify_all`, split over the ranks when a process group of ``world`` is up;
+    every rank gets the same answer (so all of them fall back together)."""
+    import torch.distributed as dist
+
+    if not (world > 1 and dist.is_available() and dist.is_initialized()):
+        return _verify_all(folder)
+    if dist.get_world_size() != world:
+        return _verify_all(folder)
+    try:
+        marker = read_marker(folder)
+    except CheckpointError as e:
+        return [str(e)]  # the same file on every rank: the same verdict everywhere
+    record = marker.get(FILES_KEY)
+    if record is None:
+        return None
+    mine = verify_share(folder, record, rank, world)
+    found: list[list[str]] = [[] for _ in range(world)]
+    dist.all_gather_object(found, mine)
+    return sorted(p for part in found for p in part)
+
+
+def _problems_or_note(folder: Path, problems: list[str] | None, loud: bool = True) -> bool:
+    """Log the outcome of a verification; True if ``folder`` must be skipped."""
+    if problems is None:
+        if loud:
+            log.info(
+                "%s: its marker has no file record (written before records were kept); "
+                "loaded without verification",
+                folder,
+            )
+        return False
+    if problems and loud:
+        log.warning(
+            "%s fails verification, falling back to the previous checkpoint: %s",
+            folder,
+            "; ".join(problems),
+        )
+    return bool(problems)
 
 
 # --------------------------------------------------------------------------------------
@@ -174,6 +354,8 @@ def save_checkpoint(
     folder = root / tag
     if rank == 0 and folder.exists():  # a torn save of the same step from a killed run
         shutil.rmtree(folder)
+        # and the universal conversion of that earlier save: it no longer matches
+        shutil.rmtree(root / f"{tag}_universal", ignore_errors=True)
     dist.barrier()
     client = dict(UNIVERSAL_INFO)
     client["megaclass_step"] = step
@@ -181,10 +363,26 @@ def save_checkpoint(
     with atomic_path(folder / "head" / shard_name(rank, world)) as tmp:
         torch.save(state.to_dict(), tmp)
     dist.barrier()
+    # DeepSpeed's files are not fsynced by DeepSpeed: each rank flushes and hashes what it
+    # wrote, rank 0 gathers the records and makes the folder entries durable, marker last.
+    files = checkpoint_files(folder)
+    mine = record_files(folder, [f for f in files if file_owner(f, world) == rank])
+    parts: list[dict[str, Any]] = [{} for _ in range(world)]
+    dist.all_gather_object(parts, mine)
     if rank == 0:
+        record = {k: v for part in parts for k, v in part.items()}
+        for dirpath, _dirs, _files in os.walk(folder, topdown=False):
+            fsync_dir(dirpath)
+        fsync_dir(root)
         write_json_atomic(
             folder / MARKER,
-            {"step": step, "world_size": world, "time": time.time(), **marker_info},
+            {
+                "step": step,
+                "world_size": world,
+                "time": time.time(),
+                **marker_info,
+                FILES_KEY: record,
+            },
         )
         prune(root, keep_last)
     dist.barrier()
@@ -208,6 +406,26 @@ def prune(root: Path, keep_last: int) -> list[Path]:
     return removed
 
 
+def set_aside(folder: Path) -> Path:
+    """Rename a checkpoint that failed verification to ``<name>.rejected`` (kept for inspection).
+
+    Why not leave it: it still has a marker and the highest step, so pruning would keep it
+    and delete the good checkpoints the resumed run writes (with ``keep_last=1``, all of them).
+    Its universal conversion, derived from it, is removed.
+    """
+    dest = folder.with_name(f"{folder.name}.rejected")
+    n = 1
+    while dest.exists():
+        dest = folder.with_name(f"{folder.name}.rejected-{n}")
+        n += 1
+    os.replace(folder, dest)
+    uni = folder.parent / f"{folder.name}_universal"
+    if uni.exists():
+        shutil.rmtree(uni, ignore_errors=True)
+    fsync_dir(folder.parent)
+    return dest
+
+
 @dataclass
 class ResumePlan:
     """Which files this rank restores from, decided before the DeepSpeed engine is built."""
@@ -221,10 +439,30 @@ class ResumePlan:
 
 
 def plan_resume(root: str | Path, rank: int, world: int) -> ResumePlan | None:
-    """The newest complete checkpoint and how this world size loads it (None: start fresh)."""
-    folder = latest_complete(root)
-    if folder is None:
+    """The newest complete and intact checkpoint and how this world size loads it.
+
+    None: no checkpoint, start fresh. Each candidate's files are checked against its marker's
+    record (split over the ranks when the process group is up); one that fails is skipped with
+    a warning naming the file. If every checkpoint fails, refuse rather than silently restart.
+    """
+    complete = list_checkpoints(root)
+    if not complete:
         return None
+    folder, rejected = None, []
+    for _step, cand in reversed(complete):
+        if not _problems_or_note(cand, _verify_collective(cand, rank, world), loud=rank == 0):
+            folder = cand
+            break
+        rejected.append(cand)
+    if folder is None:
+        raise CheckpointError(
+            f"every complete checkpoint under {root} fails verification (see the warnings "
+            "above); restore the damaged files, or move the folders away to start from scratch"
+        )
+    if rank == 0:
+        for bad in rejected:
+            moved = set_aside(bad)
+            log.warning("%s moved aside to %s (inspect, then delete it)", bad, moved.name)
     marker = read_marker(folder)
     old_world = int(marker["world_size"])
     if old_world == world:
@@ -347,28 +585,8 @@ def reshard(
     if universal:
         ds_tag = f"{ckpt.name}_universal"
         target = ckpt.parent / ds_tag
-        if run_universal and not (target / "zero").exists():
-            if target.exists():
-                shutil.rmtree(target)
-            cmd = [
-                python or sys.executable,
-                "-m",
-                "deepspeed.checkpoint.ds_to_universal",
-                "--input_folder",
-                str(ckpt),
-                "--output_folder",
-                str(target),
-                "--num_extract_workers",
-                "1",
-                "--num_merge_workers",
-                "1",
-            ]
-            log.info("converting to a universal checkpoint: %s", " ".join(cmd))
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode != 0:
-                raise CheckpointError(
-                    f"ds_to_universal failed on {ckpt} (exit {res.returncode}):\n{res.stderr[-3000:]}"
-                )
+        if run_universal and not (target / MARKER).is_file():
+            convert_universal(ckpt, target, python)
     write_json_atomic(
         ckpt / f"reshard-ws{new_world}.json",
         {
@@ -380,3 +598,57 @@ def reshard(
         },
     )
     return ckpt
+
+
+def convert_universal(ckpt: Path, target: Path, python: str | None = None) -> Path:
+    """DeepSpeed's ``ds_to_universal`` of ``ckpt`` into ``target``, all or nothing.
+
+    Why a temporary folder: a conversion killed halfway used to leave ``target`` with part of
+    its files, which the next ``reshard`` took for a finished one. Now the conversion writes
+    ``.tmp-<name>.*`` next to it, fsyncs it, writes ``COMPLETE.json`` last and renames the
+    folder into place; a ``target`` without the marker (killed, or from an older version) and
+    stale temporaries are removed and converted again.
+    """
+    parent, name = target.parent, target.name
+    if target.exists():
+        log.warning("%s: no %s (an interrupted conversion), converting again", target, MARKER)
+        shutil.rmtree(target)
+    for stale in parent.glob(f".tmp-{name}.*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    # not mkdtemp: its 0700 mode would stay on the renamed folder (unreadable to the group)
+    tmp = parent / f".tmp-{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        cmd = [
+            python or sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(ckpt),
+            "--output_folder",
+            str(tmp),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
+        log.info("converting to a universal checkpoint: %s", " ".join(cmd))
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise CheckpointError(
+                f"ds_to_universal failed on {ckpt} (exit {res.returncode}):\n{res.stderr[-3000:]}"
+            )
+        fsync_tree(tmp)
+        record = {rel: {"size": (tmp / rel).stat().st_size} for rel in checkpoint_files(tmp)}
+        write_json_atomic(
+            tmp / MARKER, {"source": ckpt.name, "time": time.time(), FILES_KEY: record}
+        )
+        os.replace(tmp, target)
+        fsync_dir(parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    # ds_to_universal points DeepSpeed's `latest_universal` at the folder it wrote (our
+    # temporary name); nothing here reads it, but a user's DeepSpeed tooling might.
+    write_text_atomic(parent / "latest_universal", name)
+    return target

@@ -9,7 +9,7 @@ count, so the trainer never looks at other stages' folders (docs/architecture.md
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -75,6 +75,11 @@ class TrainConfig:
     """Feature-dimension sampling rate f (Unicom's dual random selection; 1.0 = all dims)."""
     num_subcenters: int = 1
     """Sub-centres per class in the head (sub-center ArcFace uses 3)."""
+    head_class_chunk: int | None = None
+    """Partial-FC head: score each rank's sampled classes in chunks of this many and recompute
+    each chunk's logits in the backward, so the head's working memory is bounded by global batch
+    x head_class_chunk instead of global batch x sampled classes (for 10M+ classes; same loss and
+    gradients, one more matmul per step). None: one block (docs/training.md, partial-FC head)."""
     head_update_unsampled: bool = False
     """Head optimizer also decays/advances momentum of unsampled class rows (Partial FC v2); False = only sampled rows change (v1)."""
     num_positive_labels: int = 8
@@ -109,6 +114,14 @@ class TrainConfig:
     """Complete checkpoints kept."""
     log_every: int = 10
     """Metrics every N steps."""
+    wandb_project: str | None = None
+    """Weights & Biases project that rank 0 also logs the training scalars, the config and the
+    eval table to (None: off). Needs `pip install wandb`; WANDB_MODE=offline and WANDB_DIR are
+    honoured (default folder RUN/train/wandb)."""
+    wandb_run_name: str | None = None
+    """Weights & Biases run name (None: W&B picks one). Only with train.wandb_project."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """Weights & Biases run tags. Only with train.wandb_project."""
     max_bad_steps: int = 5
     """Stop with an error after this many consecutive non-finite losses."""
     freeze_backbone: bool = False
@@ -163,6 +176,10 @@ def margin_option_errors(tc: TrainConfig) -> list[str]:
         out.append(f"train.elastic_std: must be >= 0, got {tc.elastic_std}")
     if not 0.0 < tc.adaface_t_alpha <= 1.0:
         out.append(f"train.adaface_t_alpha: must be in (0, 1], got {tc.adaface_t_alpha}")
+    if tc.head_class_chunk is not None and tc.head_class_chunk < 1:
+        out.append(f"train.head_class_chunk: must be >= 1 or null, got {tc.head_class_chunk}")
+    if tc.head_class_chunk is not None and tc.objective == "siglip":
+        out.append("train.head_class_chunk: siglip has no class head; remove it")
     return out
 
 

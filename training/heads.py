@@ -15,6 +15,14 @@ Dual random selection (Unicom):
   and the centres are renormalised inside that subspace.
 The draws of the last forward are exposed as :attr:`PartialFC.last_sample`.
 
+Chunked logits (``class_chunk``): the B × S logit block (every rank scores the whole global
+batch) dominates the working memory at 10M+ classes. With a chunk size the sampled classes are
+scored a chunk at a time, the softmax statistics merged online across chunks and then across
+ranks (the same two all-reduces), and the backward recomputes each chunk's logits instead of
+storing them: B × chunk logits and chunk·K gathered rows at a time, for one more GEMM per step
+(:class:`_ChunkPlan`, :class:`_ChunkedMarginCE`, :class:`_ChunkedMultiLabel`). The loss and
+gradients are the unchunked ones; ``class_chunk=None`` runs the unchunked code unchanged.
+
 Gradient convention: the loss returned on every rank is the mean over the *global* batch (the
 same value everywhere). The all-gather's backward sums the embedding gradient over ranks and
 hands each rank its slice, so with ``grad_average=False`` each rank's local embeddings get
@@ -107,6 +115,37 @@ class _Normalize(torch.autograd.Function):
         return (g - y * dot).div_(n)
 
 
+def _gather_normalized(
+    weight: Tensor, rows: Tensor | None, dims: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Rows ``rows`` (None = all) and columns ``dims`` (None = all) of ``weight`` in ``dtype``,
+    L2-normalised, and their norms. One copy: the normalisation runs in place on it whenever the
+    gather or the cast already made one, and never writes into ``weight`` itself."""
+    w = weight if rows is None else weight.index_select(0, rows)
+    if dims is not None:
+        w = w.index_select(1, dims)
+    copied = w is not weight
+    w = w.to(dtype)
+    copied = copied or w.dtype != weight.dtype
+    n = w.norm(dim=1, keepdim=True).clamp_min_(1e-12)
+    y = w.div_(n) if copied else w / n
+    return y, n
+
+
+def _normalized_rows_backward(
+    g: Tensor, y: Tensor, n: Tensor, dims: Tensor | None, width: int, wdtype: torch.dtype
+) -> Tensor:
+    """Gradient w.r.t. the raw rows of :func:`_gather_normalized`, given the gradient ``g`` of
+    its output: (g − y·⟨g, y⟩)/n in ``wdtype``, scattered back to full ``width`` columns (zero
+    outside ``dims``)."""
+    dot = torch.linalg.vecdot(g, y, dim=1).unsqueeze_(1)
+    gx = torch.addcmul(g, y, dot, value=-1.0).div_(n).to(wdtype)
+    if dims is not None:
+        full = gx.new_zeros((gx.shape[0], width))
+        gx = full.index_copy_(1, dims, gx)
+    return gx
+
+
 class _GatherNormalize(torch.autograd.Function):
     """Rows ``rows`` (None = all) and columns ``dims`` (None = all) of ``weight``, L2-normalised,
     in one copy. The backward returns a *sparse* gradient holding only those rows (pre-sorted,
@@ -114,14 +153,7 @@ class _GatherNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, rows, dims, sparse: bool, dtype: torch.dtype):
-        w = weight if rows is None else weight.index_select(0, rows)
-        if dims is not None:
-            w = w.index_select(1, dims)
-        copied = w is not weight
-        w = w.to(dtype)
-        copied = copied or w.dtype != weight.dtype
-        n = w.norm(dim=1, keepdim=True).clamp_min_(1e-12)
-        y = w.div_(n) if copied else w / n
+        y, n = _gather_normalized(weight, rows, dims, dtype)
         ctx.save_for_backward(y, n, rows, dims)
         ctx.shape, ctx.wdtype, ctx.sparse = weight.shape, weight.dtype, sparse
         return y
@@ -129,11 +161,7 @@ class _GatherNormalize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         y, n, rows, dims = ctx.saved_tensors
-        dot = torch.linalg.vecdot(g, y, dim=1).unsqueeze_(1)
-        gx = torch.addcmul(g, y, dot, value=-1.0).div_(n).to(ctx.wdtype)
-        if dims is not None:
-            full = gx.new_zeros((gx.shape[0], ctx.shape[1]))
-            gx = full.index_copy_(1, dims, gx)
+        gx = _normalized_rows_backward(g, y, n, dims, ctx.shape[1], ctx.wdtype)
         if rows is None:
             return gx, None, None, None, None
         if ctx.sparse:
@@ -154,10 +182,17 @@ def _cosines(e_n: Tensor, w_n: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
     return cos.clamp_(-1.0, 1.0), arg
 
 
-def _cosines_backward(g: Tensor, e_n: Tensor, w_n: Tensor, k: int, arg: Tensor | None):
+def _to_subcentres(g: Tensor, k: int, arg: Tensor | None) -> Tensor:
+    """Gradient of the (B, S) max-over-K cosines -> (B, S·K): all of it to the winning
+    sub-centre."""
     if k > 1:
         full = g.new_zeros((g.shape[0], g.shape[1], k))
         g = full.scatter_(2, arg.unsqueeze(2), g.unsqueeze(2)).view(g.shape[0], -1)
+    return g
+
+
+def _cosines_backward(g: Tensor, e_n: Tensor, w_n: Tensor, k: int, arg: Tensor | None):
+    g = _to_subcentres(g, k, arg)
     return torch.mm(g, w_n), torch.mm(g.T, e_n)
 
 
@@ -252,6 +287,313 @@ class _DistMultiLabel(torch.autograd.Function):
         return ge, gw, grad_tgt, None, None, None, None, None, None
 
 
+# ---------------------------------------------------------- class-chunked loss (bounded memory)
+@dataclass
+class _ChunkPlan:
+    """How a chunked loss walks this rank's S sampled classes: chunks of ``chunk`` classes (the
+    last one shorter), each gathered, normalised and scored on its own, in the forward and again
+    in the backward (recomputed, never stored), so that no B × S block and no S × D copy of the
+    centres exists — only B × chunk and chunk·K × D at a time. It also assembles the centres'
+    gradient chunk by chunk into one buffer of the sampled rows (the optimizer needs it whole),
+    which the target rows' backward (:class:`_TargetRows`) completes: one gradient, sorted and
+    unique, so nothing has to be summed or coalesced afterwards."""
+
+    shape: torch.Size
+    """Shape of the weight (C_local·K, D)."""
+    wdtype: torch.dtype
+    k: int
+    idx: Tensor | None
+    """Sorted sampled local classes (on the weight's device); None = every local class."""
+    dims: Tensor | None
+    chunk: int
+    sparse: bool
+    dtype: torch.dtype
+    """Compute dtype of the cosines (float32 or better)."""
+    pending: Tensor | None = None
+    """The loss's gradient buffer between its backward and :class:`_TargetRows`'s."""
+
+    @property
+    def n_classes(self) -> int:
+        return self.shape[0] // self.k if self.idx is None else int(self.idx.numel())
+
+    def spans(self) -> list[tuple[int, int]]:
+        """(first, end) positions of each chunk among the sampled classes."""
+        s = self.n_classes
+        return [(lo, min(lo + self.chunk, s)) for lo in range(0, s, self.chunk)]
+
+    def class_rows(self, cls: Tensor) -> Tensor:
+        """Weight rows (K per class, in order) of the local classes ``cls``."""
+        if self.k == 1:
+            return cls
+        return (cls[:, None] * self.k + torch.arange(self.k, device=cls.device)).reshape(-1)
+
+    def _rows(self, lo: int, hi: int) -> Tensor:
+        return self.class_rows(self.idx[lo:hi])
+
+    def buffer_rows(self, cls: Tensor) -> Tensor:
+        """Rows of the gradient buffer that hold the sampled local classes ``cls``."""
+        if self.idx is not None and self.sparse:
+            return self.class_rows(torch.searchsorted(self.idx, cls))
+        return self.class_rows(cls)
+
+    def gather(self, weight: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """Normalised centre rows of chunk [lo, hi) and their norms ((hi−lo)·K rows)."""
+        if self.idx is None:  # contiguous rows: a view, copied once by the cast or the division
+            return _gather_normalized(
+                weight[lo * self.k : hi * self.k], None, self.dims, self.dtype
+            )
+        return _gather_normalized(weight, self._rows(lo, hi), self.dims, self.dtype)
+
+    def grad_buffer(self, device: torch.device) -> Tensor:
+        """The centres' gradient buffer: the sampled rows only (sparse) or the whole shard.
+        Uninitialised where the chunks write every row of it (they cover all sampled rows)."""
+        if self.idx is not None and self.sparse:
+            rows = (self.n_classes * self.k, self.shape[1])
+            return torch.empty(rows, dtype=self.wdtype, device=device)
+        if self.idx is None:
+            return torch.empty(self.shape, dtype=self.wdtype, device=device)
+        return torch.zeros(self.shape, dtype=self.wdtype, device=device)
+
+    def hand_over(self, ctx, buf: Tensor) -> Tensor | None:
+        """End of a chunked loss's backward: the weight gradient to return now, or None when
+        the target rows' backward — which autograd runs later, the target cosines feeding
+        this loss — will add its rows to ``buf`` and return the whole gradient."""
+        if ctx.needs_input_grad[2] and ctx.n_targets:  # _TargetRows' backward follows
+            self.pending = buf
+            return None
+        return self.finish(buf)
+
+    def put(self, buf: Tensor, lo: int, hi: int, gx: Tensor) -> None:
+        """Write chunk [lo, hi)'s full-width row gradient ``gx`` into ``buf``."""
+        if self.idx is None or self.sparse:  # buffer rows are in chunk order
+            buf[lo * self.k : hi * self.k].copy_(gx)
+        else:
+            buf.index_copy_(0, self._rows(lo, hi), gx)
+
+    def finish(self, buf: Tensor) -> Tensor:
+        """The gradient handed to autograd: sparse over the sampled rows (sorted and unique, so
+        pre-coalesced), or ``buf`` itself when dense; the forms of :class:`_GatherNormalize`."""
+        if self.idx is None or not self.sparse:
+            return buf
+        rows = self._rows(0, self.n_classes)
+        return torch.sparse_coo_tensor(
+            rows[None], buf, self.shape, is_coalesced=True, check_invariants=False
+        )
+
+
+class _TargetRows(torch.autograd.Function):
+    """Normalised centre rows of the distinct local positive classes ``cls`` (sorted), for the
+    target cosines of a chunked loss, which has no gathered S·K × D block to index.
+
+    Why a Function of its own: its backward adds the rows' gradient into the chunked loss's
+    gradient buffer (:attr:`_ChunkPlan.pending`, left there by the loss's backward, which
+    autograd runs first because the target cosines feed the loss) and returns the centres'
+    whole gradient, so the optimizer gets one sorted, unique sparse gradient. Two gradients
+    would be summed by autograd into an unsorted one that the optimizer must coalesce — a sort
+    and two more copies of the S·K × D rows per step (measured: BENCHMARKS.md). Without a
+    pending buffer (the loss needed no centre gradient) it returns its own rows' gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, cls, plan):
+        y, n = _gather_normalized(weight, plan.class_rows(cls), plan.dims, plan.dtype)
+        ctx.save_for_backward(y, n, cls)
+        ctx.plan = plan
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, n, cls = ctx.saved_tensors
+        plan = ctx.plan
+        gx = _normalized_rows_backward(g, y, n, plan.dims, plan.shape[1], plan.wdtype)
+        buf, plan.pending = plan.pending, None
+        if buf is not None:
+            buf.index_add_(0, plan.buffer_rows(cls), gx)
+            return plan.finish(buf), None, None
+        if not cls.numel():
+            return None, None, None
+        rows = plan.class_rows(cls)
+        if plan.sparse:
+            out = torch.sparse_coo_tensor(
+                rows[None], gx, plan.shape, is_coalesced=True, check_invariants=False
+            )
+        else:
+            out = gx.new_zeros(plan.shape).index_copy_(0, rows, gx)
+        return out, None, None
+
+
+def _chunk_targets(cols: Tensor, plan: _ChunkPlan) -> list[Tensor]:
+    """For each chunk, the positions (into ``rows``/``cols``) of the target entries it holds.
+    One host sync per forward (the per-chunk counts), none per chunk."""
+    spans = plan.spans()
+    cid = torch.div(cols, plan.chunk, rounding_mode="floor")
+    order = torch.argsort(cid, stable=True)
+    counts = torch.bincount(cid, minlength=len(spans)).tolist()
+    return list(order.split(counts))
+
+
+def _chunk_cosines(e_n: Tensor, y: Tensor, k: int, want_arg: bool) -> tuple[Tensor, Tensor | None]:
+    """(B, chunk) clamped cosines, max over K; the argmax only when the backward needs it (an
+    int64 per logit is twice the logit itself)."""
+    cos = torch.mm(e_n, y.T)
+    arg = None
+    if k > 1:
+        cos3 = cos.view(cos.shape[0], -1, k)
+        cos, arg = cos3.max(dim=2) if want_arg else (cos3.amax(dim=2), None)
+    return cos.clamp_(-1.0, 1.0), arg
+
+
+def _filter(cos: Tensor, tr: Tensor, tc: Tensor, thresh: float | None) -> Tensor | None:
+    """Inter-class filter of one chunk: negatives above ``thresh`` get cosine 0 (in place);
+    returns the mask (None when off)."""
+    if thresh is None:
+        return None
+    filt = cos > thresh
+    filt[tr, tc] = False
+    cos.masked_fill_(filt, 0.0)
+    return filt
+
+
+def _backward_chunks(ctx, e_n, weight, rows, cols, lse, cs) -> tuple[Tensor, Tensor | None]:
+    """The backward loop both chunked losses share: per chunk the cosines are recomputed and
+    turned into the gradient of the loss w.r.t. them, p = exp(s·cos − lse)·c·s (three passes
+    over the block), with the target entries zeroed (margin CE: their gradient flows through
+    ``tgt``; MLCD: positives are not in the negative term) and filtered negatives too; then the
+    two GEMMs and the normalisation backward of the chunk's rows. Returns (∂/∂e_n, centres'
+    gradient or None, see :meth:`_ChunkPlan.hand_over`)."""
+    plan, s = ctx.plan, ctx.scale
+    neg_lse = lse.neg().unsqueeze_(1)
+    ge = torch.zeros_like(e_n)
+    buf = plan.grad_buffer(weight.device) if ctx.needs_input_grad[1] else None
+    for (lo, hi), sel in zip(plan.spans(), ctx.groups):
+        tr, tc = rows[sel], cols[sel] - lo
+        y, n = plan.gather(weight, lo, hi)
+        p, arg = _chunk_cosines(e_n, y, plan.k, want_arg=True)
+        filt = _filter(p, tr, tc, ctx.thresh)
+        torch.add(neg_lse, p, alpha=s, out=p).exp_().mul_(cs)
+        p[tr, tc] = 0.0
+        if filt is not None:
+            p.masked_fill_(filt, 0.0)
+            del filt
+        p = _to_subcentres(p, plan.k, arg)
+        ge.addmm_(p, y)
+        if buf is not None:
+            gw = torch.mm(p.T, e_n)
+            del p, arg
+            gx = _normalized_rows_backward(gw, y, n, plan.dims, plan.shape[1], plan.wdtype)
+            plan.put(buf, lo, hi, gx)
+    return ge, None if buf is None else plan.hand_over(ctx, buf)
+
+
+class _ChunkedMarginCE(torch.autograd.Function):
+    """:class:`_DistMarginCE` over chunks of the sampled classes, in bounded memory.
+
+    Forward: per chunk the (B, chunk) logits are formed exactly as the unchunked loss forms them
+    (clamp, filter, scale, targets replaced) and reduced to a row log-sum-exp; the chunks are
+    merged online (logaddexp), then across ranks as the unchunked loss does — an all-reduce MAX
+    of the B local log-sum-exps and an all-reduce SUM of exp(local − max) with the target logit
+    (2B floats). Nothing of the chunk is kept: the backward gathers and scores each chunk again
+    and turns it into p = exp(logit − global log-sum-exp) directly. Costs one more GEMM (4
+    instead of 3) and ≈1.15× the unchunked loss's memory traffic per logit (≈88 vs ≈76 bytes
+    in fp32 with K = 1, counted in BENCHMARKS.md), for a working set of B × chunk.
+
+    ``weight`` is the raw (C_local·K, D) parameter: it is saved, so an in-place update between
+    this forward and its backward is an autograd error rather than a silently wrong gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, e_n, weight, tgt, rows, cols, plan, scale, thresh, group, n_rows):
+        b = e_n.shape[0]
+        z_t = tgt * scale
+        groups = _chunk_targets(cols, plan)
+        lse = e_n.new_full((b,), -math.inf)
+        for (lo, hi), sel in zip(plan.spans(), groups):
+            tr, tc = rows[sel], cols[sel] - lo
+            y, _ = plan.gather(weight, lo, hi)
+            z, _ = _chunk_cosines(e_n, y, plan.k, want_arg=False)
+            del y
+            _filter(z, tr, tc, thresh)
+            z.mul_(scale)
+            z[tr, tc] = z_t[sel]
+            lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
+            del z
+        row_max = lse.clone()
+        all_reduce_(row_max, _MAX, group)
+        stats = torch.zeros((b, 2), dtype=e_n.dtype, device=e_n.device)
+        stats[:, 0] = (lse - row_max).exp()
+        stats[rows, 1] = z_t
+        all_reduce_(stats, group=group)
+        lse_g = stats[:, 0].log().add_(row_max)
+        loss = (lse_g - stats[:, 1]).sum() / n_rows
+        ctx.save_for_backward(e_n, weight, tgt, rows, cols, lse_g)
+        ctx.groups, ctx.plan, ctx.scale, ctx.thresh = groups, plan, scale, thresh
+        ctx.n_rows, ctx.n_targets = n_rows, rows.numel()
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        e_n, weight, tgt, rows, cols, lse = ctx.saved_tensors
+        s = ctx.scale
+        cs = g / ctx.n_rows * s
+        p_t = (tgt * s - lse[rows]).exp_()  # target probabilities
+        grad_tgt = (p_t - 1.0).mul_(cs)
+        ge, gw = _backward_chunks(ctx, e_n, weight, rows, cols, lse, cs)
+        return ge, gw, grad_tgt, None, None, None, None, None, None, None
+
+
+class _ChunkedMultiLabel(torch.autograd.Function):
+    """:class:`_DistMultiLabel` over chunks of the sampled classes, in bounded memory.
+
+    Only the negative term touches the (B, S) block: its log-sum-exp over each rank's negatives
+    is built chunk by chunk (online logaddexp; a row with no negative in a chunk contributes
+    −inf there), then merged across ranks with the "1" term as the unchunked loss merges it
+    (all-reduces MAX and SUM of 2B floats). The positive term is O(number of positives) and
+    computed as before. The backward recomputes each chunk (see :class:`_ChunkedMarginCE`).
+    """
+
+    @staticmethod
+    def forward(ctx, e_n, weight, tgt, rows, cols, plan, scale, group, n_rows):
+        b = e_n.shape[0]
+        groups = _chunk_targets(cols, plan)
+        lse = e_n.new_full((b,), -math.inf)
+        for (lo, hi), sel in zip(plan.spans(), groups):
+            y, _ = plan.gather(weight, lo, hi)
+            z, _ = _chunk_cosines(e_n, y, plan.k, want_arg=False)
+            del y
+            z.mul_(scale)
+            z[rows[sel], cols[sel] - lo] = -math.inf
+            lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1))
+            del z
+        q = -tgt * scale
+        maxes = torch.zeros((b, 2), dtype=e_n.dtype, device=e_n.device)  # the "1" term: max ≥ 0
+        maxes[:, 0] = lse.clamp_min(0.0)
+        maxes[:, 1] = maxes[:, 1].scatter_reduce(0, rows, q, reduce="amax")
+        all_reduce_(maxes, _MAX, group)
+        m_neg, m_pos = maxes[:, 0], maxes[:, 1]
+        e_pos = (q - m_pos[rows]).exp()
+        sums = torch.zeros((b, 2), dtype=e_n.dtype, device=e_n.device)
+        sums[:, 0] = (lse - m_neg).exp()
+        sums[:, 1].index_add_(0, rows, e_pos)
+        all_reduce_(sums, group=group)
+        s_neg = sums[:, 0] + torch.exp(-m_neg)
+        s_pos = sums[:, 1] + torch.exp(-m_pos)
+        lse_neg = s_neg.log().add_(m_neg)
+        loss = (lse_neg + m_pos + s_pos.log()).sum() / n_rows
+        w_pos = e_pos / s_pos[rows]
+        ctx.save_for_backward(e_n, weight, w_pos, rows, cols, lse_neg)
+        ctx.groups, ctx.plan, ctx.scale, ctx.thresh = groups, plan, scale, None
+        ctx.n_rows, ctx.n_targets = n_rows, rows.numel()
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        e_n, weight, w_pos, rows, cols, lse = ctx.saved_tensors
+        cs = g / ctx.n_rows * ctx.scale
+        grad_tgt = -w_pos * cs
+        ge, gw = _backward_chunks(ctx, e_n, weight, rows, cols, lse, cs)
+        return ge, gw, grad_tgt, None, None, None, None, None, None
+
+
 class PartialFC(nn.Module):
     """Partial-FC head: sharded class centres, class and feature sampling, margin softmax or MLCD.
 
@@ -282,6 +624,12 @@ class PartialFC(nn.Module):
         margin_kwargs: further ``make_margin`` arguments (e.g. m1/m2/m3, std, h).
         init_std: centres ~ N(0, init_std).
         dtype: storage dtype of the centres (float32; float64 for references).
+        class_chunk: score the sampled classes in chunks of this many classes, merging the
+            softmax statistics online, and recompute each chunk's logits in the backward
+            instead of storing them: the working set is then B × class_chunk logits (×K raw
+            cosines) and class_chunk·K gathered rows, not B × S and S·K, for one more GEMM
+            per step. None (default) = one block, the path without recomputation. Same loss
+            and gradients either way (tests/test_partial_fc_chunked.py).
     """
 
     def __init__(
@@ -305,6 +653,7 @@ class PartialFC(nn.Module):
         init_std: float = 0.01,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        class_chunk: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
@@ -313,6 +662,8 @@ class PartialFC(nn.Module):
             raise ValueError(f"feature_rate must be in (0, 1], got {feature_rate}")
         if num_subcenters < 1:
             raise ValueError(f"num_subcenters must be >= 1, got {num_subcenters}")
+        if class_chunk is not None and class_chunk < 1:
+            raise ValueError(f"class_chunk must be >= 1 or None, got {class_chunk}")
         if multi_label and interclass_threshold is not None:
             raise ValueError("interclass_threshold applies to the single-label loss only")
         self.group = group
@@ -325,6 +676,7 @@ class PartialFC(nn.Module):
         self.interclass_threshold = interclass_threshold
         self.seed, self.grad_average = int(seed), bool(grad_average)
         self.sparse_grad = sparse_grad
+        self.class_chunk = None if class_chunk is None else int(class_chunk)
         self._owns_optimizer = False
         self._warned_dense = False
         if m is not None and margin_m is not None and m != margin_m:
@@ -356,6 +708,7 @@ class PartialFC(nn.Module):
             f"{self.class_start + self.num_local}), embed_dim={self.embed_dim}, "
             f"sample_rate={self.sample_rate}, feature_rate={self.feature_rate}, "
             f"K={self.num_subcenters}, multi_label={self.multi_label}, world={self.world}"
+            + ("" if self.class_chunk is None else f", class_chunk={self.class_chunk}")
         )
 
     @torch.no_grad()
@@ -513,9 +866,20 @@ class PartialFC(nn.Module):
                     "PartialFC: dense centre gradients (no head.make_optimizer()): a stock "
                     "optimizer will decay/advance unsampled rows too (PartialFC v2 semantics)"
                 )
-            w_n = _GatherNormalize.apply(self.weight, wrows, dims, sparse, cdtype)
-            # Target cosines through a small side path (no B×S scatter in the backward).
-            w_t = w_n.view(-1, k, w_n.shape[1])[cols]
+            plan = None
+            if self.class_chunk is None:
+                w_n = _GatherNormalize.apply(self.weight, wrows, dims, sparse, cdtype)
+                # Target cosines through a small side path (no B×S scatter in the backward).
+                w_t = w_n.view(-1, k, w_n.shape[1])[cols]
+            else:
+                plan = _ChunkPlan(
+                    self.weight.shape, self.weight.dtype, k, idx, dims, self.class_chunk,
+                    sparse, cdtype,
+                )  # fmt: skip
+                # Each distinct positive class gathered once, expanded to the positives.
+                uniq, inv = torch.unique(local_cls, return_inverse=True)
+                w_u = _TargetRows.apply(self.weight, uniq, plan)
+                w_t = w_u.view(-1, k, w_u.shape[1])[inv]
             cos_t = (w_t * e_n[rows, None, :]).sum(dim=2).amax(dim=1).clamp(-1.0, 1.0)
 
             mg = self.margin
@@ -529,6 +893,15 @@ class PartialFC(nn.Module):
             params = mg.prepare(norms=norms, cos_target=cos_global, generator=shared)
             tgt = mg(cos_t, None if params is None else params.to(device)[rows])
 
+            if plan is not None and self.multi_label:
+                return _ChunkedMultiLabel.apply(
+                    e_n, self.weight, tgt, rows, cols, plan, mg.scale, self.group, n_rows
+                )
+            if plan is not None:
+                return _ChunkedMarginCE.apply(
+                    e_n, self.weight, tgt, rows, cols, plan, mg.scale,
+                    self.interclass_threshold, self.group, n_rows,
+                )  # fmt: skip
             if self.multi_label:
                 return _DistMultiLabel.apply(
                     e_n, w_n, tgt, rows, cols, k, mg.scale, self.group, n_rows

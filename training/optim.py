@@ -8,6 +8,9 @@ the rows in the gradient (docs/training.md, "Head optimizer").
 
 from __future__ import annotations
 
+from itertools import chain
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -46,6 +49,32 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             update_unsampled=update_unsampled,
         )
         super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, with AdamW's per-row step counts kept int64.
+
+        Why: torch casts every floating-point-param state tensor to the parameter's dtype on
+        load. For a bf16 head that turns ``row_step`` into bf16, where 256 + 1 rounds back to
+        256: after a resume the count sticks at 256 and Adam's bias correction
+        sqrt(1 - 0.999**256) scales every later update by ~0.48. The counts are taken before
+        the cast and put back exactly (as int64 on the parameter's device) after it.
+        """
+        counts = {
+            idx: st["row_step"]
+            for idx, st in state_dict.get("state", {}).items()
+            if isinstance(st, dict) and "row_step" in st
+        }
+        super().load_state_dict(state_dict)
+        if not counts:
+            return
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        by_id = dict(zip(saved_ids, params))
+        for idx, t in counts.items():
+            p = by_id[idx]
+            # a checkpoint from a resume before this fix holds float counts: round them back
+            t = t.round() if t.is_floating_point() else t
+            self.state[p]["row_step"] = t.to(device=p.device, dtype=torch.int64, copy=True)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -139,7 +168,11 @@ class RowSparseOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _adam_apply(w, m, v, t, lr, b1, b2, eps) -> None:
-        tt = t.to(w.dtype).view(-1, *([1] * (w.dim() - 1)))
-        bc1 = 1 - b1**tt
-        bc2 = 1 - b2**tt
+        # Bias corrections in float32 at least, then cast: in bf16, 0.999 rounds to 1.0, so
+        # 1 - 0.999**t was exactly 0 and every bf16 update was m/inf = 0 (the head never
+        # moved); counts above 256 also lost their last bits. fp32/fp64 heads: unchanged.
+        ft = torch.promote_types(w.dtype, torch.float32)
+        tt = t.to(ft).view(-1, *([1] * (w.dim() - 1)))
+        bc1 = (1 - b1**tt).to(w.dtype)
+        bc2 = (1 - b2**tt).to(w.dtype)
         w.sub_(lr * (m / bc1) / ((v / bc2).sqrt_().add_(eps)))

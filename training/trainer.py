@@ -101,7 +101,7 @@ def train(job: TrainJob, **setup_kw: Any) -> dict[str, Any]:
     tc, env, engine = job.train, st.env, st.engine
     stop = _StopFlag()
     test_signal_step = int(os.environ.get(TEST_SIGNAL_ENV, "0") or 0)
-    metrics = MetricsLogger(st.job.train_dir, enabled=env.is_main, resume_step=st.step)
+    metrics = MetricsLogger(st.job.train_dir, enabled=env.is_main, resume_step=st.step, job=st.job)
     global_batch = tc.micro_batch_size * tc.grad_accum * env.world_size
     data_iter = iter(st.loader)
     bad_in_row = 0

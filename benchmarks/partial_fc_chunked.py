@@ -1,0 +1,499 @@
+"""Partial-FC head with ``class_chunk``: working memory per rank, chunked vs unchunked.
+
+Claim: with ``PartialFC(..., class_chunk=c)`` a rank's step allocates, besides its static
+centres + optimizer state, about one B × c logit block and the sampled rows' gradient — not
+the B × S block (S = r·C/N sampled classes) — and costs one more GEMM than the unchunked
+step, i.e. ≈ 4/3 of its time where the unchunked step fits at all.
+
+Setup (defaults): 10,000,000 classes, D = 128, r = 0.1, global batch 4,096, 2 gloo ranks with
+one thread each, ArcFace (m 0.5, s 64), SGD momentum 0.9 + weight decay 5e-4 through
+``PartialFC.make_optimizer`` (unsampled rows untouched), chunk 8,192 classes. Each rank holds
+5M classes: 2.56 GB of centres + 2.56 GB of momentum; it scores the 4,096 × 500,000 block,
+which unchunked is 8.2 GB of fp32 logits per rank. The unchunked mode runs only if its estimate
+fits in this machine's available memory (else it prints why it was skipped), so a second,
+smaller size (``--compare-classes``, default 1M) runs both modes for the time ratio.
+
+Memory, per rank process, from /proc/self/status: ``static`` = VmRSS once the head and its
+momentum exist, minus VmRSS of the bare runtime (process, torch, gloo, MKL after one GEMM);
+``peak`` = the highest VmHWM over the timed steps (reset before each step through
+``/proc/self/clear_refs``, so set-up transients do not count); ``working`` = peak − VmRSS once
+the static state existed: everything the steps added, including what the allocator kept.
+Step time = median over the timed steps (after warm-up), max over ranks. The GEMM rate printed
+first (4096×128 · 128×8192 fp32, both ranks at once) shows how busy the machine was.
+
+    .venv/bin/python benchmarks/partial_fc_chunked.py                     # the full run (minutes)
+    .venv/bin/python benchmarks/partial_fc_chunked.py --classes 200000 --compare-classes 100000 \\
+        --batch 512 --chunk 1024 --steps 1                           # smoke run, about a minute
+
+``--device cuda`` (or ``cpu``): one process, no process group, the head's numbers on one
+accelerator for ``--runs CLASSES:GLOBAL_BATCH`` pairs (classes on that device), chunked and
+unchunked where the unchunked fits its free memory; memory from torch.cuda's allocator
+(``max_memory_allocated`` over the last step − allocated once centres and momentum exist); it
+also compares the chunked and unchunked heads' loss and gradients on the device and times the
+CPU draw of the class-sampling scores. The printed memory table is BENCHMARKS.md's (formula).
+
+    python3 benchmarks/partial_fc_chunked.py --device cuda --dim 512 --chunk 8192 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from megaclass.core.net import free_port
+
+log = logging.getLogger("benchmarks.partial_fc_chunked")
+GB = 1e9
+
+
+def _status_gb(key: str) -> float:
+    """VmRSS / VmHWM of this process in GB (Linux)."""
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
+    return int(m.group(1)) * 1024 / GB
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where not permitted."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _gemm_rate(reps: int = 3) -> float:
+    """GFLOP/s of one fp32 GEMM at a chunk-like shape, best of ``reps`` (ranks in lockstep)."""
+    a, b = torch.randn(4096, 128), torch.randn(128, 8192)
+    best = float("inf")
+    for _ in range(reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 4096 * 128 * 8192 / best / 1e9
+
+
+def _worker(rank: int, world: int, port: int, args, classes: int, chunk, queue) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    torch.set_num_threads(args.threads)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    from megaclass.training.heads import PartialFC
+
+    # Before the runtime figure: MKL's first GEMM allocates buffers, and the first optimizer
+    # imports ≈0.15 GB of torch modules; neither belongs to the head's static state.
+    gflops = _gemm_rate()
+    PartialFC(world, 4).make_optimizer()
+    rss_runtime = _status_gb("VmRSS")
+    head = PartialFC(
+        classes,
+        args.dim,
+        sample_rate=args.rate,
+        margin="arcface",
+        m=0.5,
+        scale=64.0,
+        seed=0,
+        class_chunk=chunk,
+    )
+    opt = head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt.state[head.weight]["momentum_buffer"] = torch.zeros_like(head.weight)  # what step 1 makes
+    rss_static = _status_gb("VmRSS")
+    b = args.batch // world
+    g = torch.Generator().manual_seed(1234 + rank)
+    times, peaks = [], []
+    can_reset = True
+    for i in range(args.warmup + args.steps):
+        x = torch.randn(b, args.dim, generator=g).requires_grad_(True)  # backbone stand-in
+        y = torch.randint(0, classes, (b,), generator=g)
+        dist.barrier()
+        can_reset = _reset_peak() and can_reset
+        t0 = time.perf_counter()
+        loss = head(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        dt = time.perf_counter() - t0
+        peak = _status_gb("VmHWM")
+        del loss, x
+        if i >= args.warmup:
+            times.append(dt)
+            peaks.append(peak)
+        if rank == 0:
+            log.info(
+                "C=%d chunk=%s step %d: %.2f s, step peak %.2f GB (%.2f above static)",
+                classes,
+                chunk,
+                i,
+                dt,
+                peak,
+                peak - rss_static,
+            )
+    queue.put(
+        {
+            "rank": rank,
+            "step_s": statistics.median(times),
+            "working_gb": max(peaks) - rss_static,
+            "peak_gb": max(peaks),
+            "runtime_gb": rss_runtime,
+            "static_gb": rss_static - rss_runtime,
+            "sampled": max(1, int(args.rate * head.num_local)),
+            "local": head.num_local,
+            "gemm_gflops": gflops,
+            "peak_reset": can_reset,
+        }
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(args, classes: int, chunk: int | None) -> list[dict]:
+    """One (classes, chunk) configuration in fresh rank processes."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, args.world, port, args, classes, chunk, q))
+        for r in range(args.world)
+    ]
+    for p in procs:
+        p.start()
+    res = sorted((q.get(timeout=7200) for _ in procs), key=lambda r: r["rank"])
+    for p in procs:
+        p.join()
+    return res
+
+
+def estimate_gb(classes: int, args, chunk: int | None) -> tuple[float, float]:
+    """(static, working) GB per rank: fp32 centres + momentum; the logit block (B × S, or
+    B × chunk, 4 bytes) plus the sampled rows (gathered copy, gradient, optimizer's copies)."""
+    local = classes / args.world
+    s = args.rate * local
+    static = local * args.dim * 4 * 2
+    block = args.batch * (s if chunk is None else min(chunk, s)) * 4
+    return static / GB, (block + 4 * s * args.dim * 4) / GB
+
+
+def memory_formula(
+    classes: int, gpus: int, d: int, batch: int, rate: float, chunk: int | None, opt_states: int
+) -> tuple[float, float]:
+    """Bytes per rank (K = 1, fp32): static = C/N·D·4·(1 + optimizer states); working = the
+    logit block, B·chunk·8 (forward block + backward recompute; unchunked: B·S·8, logits and
+    probabilities as in benchmarks/partial_fc.py), plus rows: chunked 3·chunk·D·4 (a chunk's
+    gathered rows, their gradient, its full-width copy) and S·D·4·(1 + optimizer states + 1)
+    (the sampled rows' gradient; the optimizer's gathered weight rows and state rows);
+    unchunked S·D·4·4 (benchmarks/partial_fc.py's count)."""
+    local = classes / gpus
+    s = rate * local
+    static = local * d * 4 * (1 + opt_states)
+    if chunk is None:
+        return static, batch * s * 8 + s * d * 16
+    return static, batch * min(chunk, s) * 8 + 3 * min(chunk, s) * d * 4 + s * d * 4 * (
+        2 + opt_states
+    )
+
+
+def print_memory_table() -> None:
+    """The table of BENCHMARKS.md's chunked-logits section (D = 512, B = 32,768, r = 0.1)."""
+    print("\nMemory per rank, 100M classes on 64 GPUs, D=512, global batch 32768, r=0.1:")
+    for chunk in (None, 32768, 8192, 2048):
+        parts = []
+        for name, n_states in (("SGD", 1), ("AdamW", 2)):
+            st, wk = memory_formula(100_000_000, 64, 512, 32768, 0.1, chunk, n_states)
+            parts.append(f"{name} {st / GB:5.1f} + {wk / GB:5.2f} GB")
+        tag = "unchunked" if chunk is None else f"chunk {chunk:,}"
+        print(f"  {tag:<13}: " + " | ".join(parts))
+
+
+def _available_gb() -> float:
+    with open("/proc/meminfo") as f:
+        return int(re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024 / GB
+
+
+def report(tag: str, res: list[dict]) -> dict:
+    row = {
+        "step_s": max(r["step_s"] for r in res),
+        "static_gb": max(r["static_gb"] for r in res),
+        "working_gb": max(r["working_gb"] for r in res),
+        "peak_gb": max(r["peak_gb"] for r in res),
+        "runtime_gb": max(r["runtime_gb"] for r in res),
+        "gemm": min(r["gemm_gflops"] for r in res),
+    }
+    reset = all(r["peak_reset"] for r in res)
+    print(
+        f"  {tag:<22} step {row['step_s']:8.2f} s | static {row['static_gb']:5.2f} GB | "
+        f"working {row['working_gb']:5.2f} GB{'' if reset else ' (HWM not reset!)'} | "
+        f"peak RSS {row['peak_gb']:5.2f} GB = {row['peak_gb'] / row['static_gb']:4.2f}× static "
+        f"(runtime {row['runtime_gb']:.2f}) | GEMM {row['gemm']:5.1f} GFLOP/s/rank"
+    )
+    return row
+
+
+# --------------------------------------------------------------------------- one device
+def _device_head(classes: int, args, chunk: int | None, dev: torch.device, **kw):
+    """The head built on the meta device and materialised on ``dev`` (N(0, 0.01) drawn there):
+    the CPU initialisation of 10M × 512 centres would cost more than the whole measurement."""
+    from megaclass.training.heads import PartialFC
+
+    head = PartialFC(
+        classes,
+        args.dim,
+        sample_rate=args.rate,
+        margin=kw.pop("margin", "arcface"),
+        m=kw.pop("m", 0.5),
+        scale=64.0,
+        seed=0,
+        class_chunk=chunk,
+        device="meta",
+        **kw,
+    )
+    head.to_empty(device=dev)
+    with torch.no_grad():
+        head.weight.normal_(0.0, 0.01, generator=torch.Generator(dev).manual_seed(0))
+        head.step.zero_()
+    return head
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _single_equal(dev: torch.device, args) -> list[dict]:
+    """Chunked vs unchunked on ``dev`` in float32 (the CPU tests hold both to the float64
+    reference): relative max errors of loss, d/dx and d/dW, for the three loss variants."""
+    out = []
+    cases = (
+        ("arcface", {}, 4096),
+        (
+            "cosface k=3 filter",
+            {"margin": "cosface", "m": 0.35, "num_subcenters": 3, "interclass_threshold": 0.2},
+            3000,
+        ),
+        ("mlcd f=0.5", {"multi_label": True, "feature_rate": 0.5}, 4096),
+    )
+    c, b = 100_000, 512
+    g = torch.Generator(dev).manual_seed(3)
+    for tag, kw, chunk in cases:
+        x0 = torch.randn(b, args.dim, device=dev, generator=g) * 3
+        if kw.get("multi_label"):
+            y = torch.randint(0, c, (b, 4), device=dev, generator=g)
+        else:
+            y = torch.randint(0, c, (b,), device=dev, generator=g)
+        res, w0 = [], None
+        for ch in (None, chunk):
+            head = _device_head(c, args, ch, dev, sparse_grad=True, **dict(kw))
+            if w0 is None:
+                w0 = head.weight.detach().clone()
+            with torch.no_grad():
+                head.weight.copy_(w0)
+            x = x0.clone().requires_grad_(True)
+            loss = head(x, y, step=1)
+            loss.backward()
+            gw = head.weight.grad
+            res.append((loss.detach(), x.grad, gw.to_dense() if gw.is_sparse else gw))
+            del head
+        errs = {}
+        for name, a, ref in zip(("loss", "d_x", "d_w"), res[1], res[0]):
+            errs[name] = float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        out.append({"case": tag, "chunk": chunk, **errs})
+        print(
+            f"  {tag:<20} chunk {chunk}: rel. max error "
+            + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+        )
+    return out
+
+
+def single_main(args) -> None:
+    """One process on ``--device`` (no process group): the head's numbers on one accelerator,
+    for ``--runs`` (classes per device : global batch) pairs, chunked and unchunked where the
+    unchunked fits. Memory = torch.cuda's allocator statistics (on CPU: VmRSS/VmHWM)."""
+    import json
+
+    dev = torch.device(args.device)
+    cuda = dev.type == "cuda"
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    print(
+        f"PartialFC on one {torch.cuda.get_device_name(dev) if cuda else 'CPU'}: D={args.dim}, "
+        f"r={args.rate}, chunk {args.chunk:,}, tf32={args.tf32}"
+    )
+    record: dict = {"device": str(dev), "dim": args.dim, "rate": args.rate, "tf32": args.tf32}
+    record["equal"] = _single_equal(dev, args)
+    # The CPU draw of the class-sampling scores (what the head still does on the host).
+    draws = {}
+    for n in (1_000_000, 10_000_000):
+        gen = torch.Generator().manual_seed(0)
+        torch.rand(n, generator=gen)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            torch.rand(n, generator=gen)
+        draws[n] = (time.perf_counter() - t0) / 3 * 1e3
+    record["cpu_draw_ms"] = draws
+    print(
+        "  CPU draw of the sampling scores: "
+        + ", ".join(f"{n:,} classes {ms:.1f} ms" for n, ms in draws.items())
+    )
+    record["runs"] = []
+    for spec in args.runs:
+        classes, batch = (int(v) for v in spec.split(":"))
+        s = max(1, int(args.rate * classes))
+        for chunk in (args.chunk, None):
+            tag = f"C={classes:,} B={batch:,} " + (
+                "unchunked" if chunk is None else f"chunk {chunk:,}"
+            )
+            row = {"classes": classes, "batch": batch, "chunk": chunk}
+            static = classes * args.dim * 4 * 2
+            block = batch * (s if chunk is None else min(chunk, s)) * 4
+            need = static + 2 * block + 5 * s * args.dim * 4
+            free = torch.cuda.mem_get_info(dev)[0] if cuda else _available_gb() * GB
+            if need > 0.9 * free:
+                print(f"  {tag}: SKIPPED, needs ≈{need / GB:.0f} GB, {free / GB:.0f} GB free")
+                record["runs"].append({**row, "skipped_need_gb": need / GB})
+                continue
+            try:
+                row.update(_single_run(dev, args, classes, batch, chunk))
+            except Exception as exc:  # one configuration failing must not lose the others
+                print(f"  {tag}: FAILED {type(exc).__name__}: {exc}")
+                record["runs"].append({**row, "error": repr(exc)})
+                continue
+            finally:
+                if cuda:
+                    torch.cuda.empty_cache()
+            record["runs"].append(row)
+            print(
+                f"  {tag}: step {row['step_ms']:8.2f} ms ({row['tflops_3gemm']:5.1f} TFLOP/s "
+                f"of the 3 GEMMs) | static {row['static_gb']:6.2f} GB | working "
+                f"{row['working_gb']:6.2f} GB above static"
+            )
+            if args.json:  # after every configuration: a run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump(record, f, indent=1)
+
+
+def _single_run(dev: torch.device, args, classes: int, batch: int, chunk: int | None) -> dict:
+    """Warm-up and timed steps of one configuration on one device: time, memory."""
+    cuda = dev.type == "cuda"
+    flop = 2 * batch * max(1, int(args.rate * classes)) * args.dim
+    head = _device_head(classes, args, chunk, dev)
+    opt = head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt.state[head.weight]["momentum_buffer"] = torch.zeros_like(head.weight)
+    g = torch.Generator(dev).manual_seed(1)
+    x = torch.randn(batch, args.dim, device=dev, generator=g).requires_grad_(True)
+    y = torch.randint(0, classes, (batch,), device=dev, generator=g)
+    _sync(dev)
+    base = torch.cuda.memory_allocated(dev) if cuda else _status_gb("VmRSS") * GB
+    times = []
+    for i in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+        else:
+            _reset_peak()
+        _sync(dev)
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        x.grad = None
+        loss = head(x, y)
+        loss.backward()
+        opt.step()
+        _sync(dev)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(dev) if cuda else _status_gb("VmHWM") * GB
+    ms = statistics.median(times) * 1e3
+    return {
+        "step_ms": ms,
+        "static_gb": base / GB,
+        "working_gb": (peak - base) / GB,
+        "tflops_3gemm": 3 * flop / (ms * 1e-3) / 1e12,
+        "loss": float(loss.detach()),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--classes", type=int, default=10_000_000)
+    ap.add_argument(
+        "--compare-classes",
+        type=int,
+        default=1_000_000,
+        help="second size where both modes run (0: skip)",
+    )
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--rate", type=float, default=0.1)
+    ap.add_argument("--batch", type=int, default=4096, help="global batch")
+    ap.add_argument("--chunk", type=int, default=8192, help="class_chunk")
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument(
+        "--mem-fraction",
+        type=float,
+        default=0.85,
+        help="run a mode only if its estimate fits this share of MemAvailable",
+    )
+    ap.add_argument(
+        "--device",
+        default=None,
+        help="one process on this device (cuda, cpu) instead of gloo ranks",
+    )
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        default=["1000000:512", "1000000:32768", "10000000:32768"],
+        help="--device mode: CLASSES:GLOBAL_BATCH pairs, classes on the device",
+    )
+    ap.add_argument("--tf32", action="store_true", help="--device mode: allow TF32 matmuls")
+    ap.add_argument("--json", default=None, help="--device mode: write the results here")
+    args = ap.parse_args()
+    if args.device:
+        return single_main(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+
+    print(
+        f"PartialFC, chunked vs unchunked: D={args.dim}, r={args.rate}, global batch "
+        f"{args.batch}, chunk {args.chunk:,} classes, {args.world} gloo ranks × {args.threads} "
+        f"thread(s), SGD momentum, lazy rows"
+    )
+    print_memory_table()
+    sizes = [args.classes] + ([args.compare_classes] if args.compare_classes else [])
+    for classes in sizes:
+        s = int(args.rate * classes / args.world)
+        print(f"\nC = {classes:,}: {classes // args.world:,} classes, S = {s:,} sampled per rank")
+        rows = {}
+        for chunk in (args.chunk, None):
+            st, wk = estimate_gb(classes, args, chunk)
+            need = args.world * (st + wk + 1.0)  # + ≈1 GB runtime and slack per rank
+            tag = "unchunked" if chunk is None else f"class_chunk={chunk:,}"
+            print(f"  {tag:<22} estimate per rank: static {st:.2f} GB + working {wk:.2f} GB")
+            if need > args.mem_fraction * _available_gb():
+                print(
+                    f"  {tag:<22} SKIPPED: needs ≈{need:.1f} GB for {args.world} ranks, "
+                    f"{_available_gb():.1f} GB available"
+                )
+                continue
+            rows[chunk] = report(tag, run(args, classes, chunk))
+        if args.chunk in rows and None in rows:
+            c, u = rows[args.chunk], rows[None]
+            print(
+                f"  chunked / unchunked: step time {c['step_s'] / u['step_s']:.2f}× "
+                f"(4 GEMMs vs 3: 1.33× expected), working memory "
+                f"{c['working_gb'] / u['working_gb']:.2f}×, peak RSS "
+                f"{c['peak_gb'] / u['peak_gb']:.2f}×"
+            )
+
+
+if __name__ == "__main__":
+    main()
