@@ -8,6 +8,7 @@ A stage reads only the previous stage's folder and writes only its own; a per-sh
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -101,6 +102,10 @@ class RunDir:
         new = config_to_dict(cfg)
         if self.config_path.exists() and not force:
             old = yaml.safe_load(self.config_path.read_text()) or {}
+            # keys added to the config since the run started take their defaults: a new option
+            # that keeps the old behaviour must not stop an existing run from resuming
+            if dataclasses.is_dataclass(cfg):
+                old = _with_defaults(config_to_dict(type(cfg)()), old)
             diffs = _diff(
                 {k: v for k, v in old.items() if k not in _NOT_COMPARED},
                 {k: v for k, v in new.items() if k not in _NOT_COMPARED},
@@ -223,6 +228,13 @@ def _first_file(folder: Path) -> Path | None:
         if found is not None:
             return found
     return None
+
+
+def _with_defaults(default: Any, old: Any) -> Any:
+    """``old`` with the keys it lacks taken from ``default`` (nested sections too)."""
+    if isinstance(default, dict) and isinstance(old, dict):
+        return {**default, **{k: _with_defaults(default.get(k), v) for k, v in old.items()}}
+    return old
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

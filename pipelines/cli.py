@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shlex
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
+import megaclass
+from megaclass.core.atomic import write_text_atomic
 from megaclass.core.config import ConfigError
-from megaclass.core.errors import debug_from_env, user_error_of
+from megaclass.core.errors import InputError, debug_from_env, user_error_of
 from megaclass.core.lock import launcher_rank
 from megaclass.core.rundir import RunDir
-from megaclass.core.stages import STAGES, load_entry
+from megaclass.core.stages import PIPELINE, STAGES, load_entry
 
 # sub-command -> "module:function"; each function takes (cfg: RunConfig, force: bool) -> dict.
 STAGE_ENTRYPOINTS = {n: s.entry for n, s in STAGES.items() if s.help} | {
@@ -69,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="megaclass",
         description="Pretrain retrieval encoders on clustered pseudo-classes (Unicom / MLCD).",
     )
+    ap.add_argument("--version", action="version", version=f"megaclass {megaclass.__version__}")
     ap.add_argument(
         "--debug",
         action="store_true",
@@ -81,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="dotted key=value overrides of configs/demo.yaml")
 
     _stage_parser(sub, "run", "all stages in order, resumable")
+    sub.choices["run"].add_argument(
+        "--stages", default=None, help=f"comma-separated subset, run in order: {','.join(PIPELINE)}"
+    )
     for name, st in STAGES.items():
         if st.help:
             _stage_parser(sub, name, st.help)
@@ -126,19 +135,61 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="write the script here instead of printing it")
 
     sub.add_parser("config-help", help="every config key with its type, default and meaning")
+
+    i = sub.add_parser("init", help="write a commented config to edit, from a shipped one")
+    i.add_argument("name", nargs="?", default="my-run", help="run name: run_dir becomes runs/NAME")
+    i.add_argument("--from", dest="source", default="demo", choices=sorted(SHIPPED_CONFIGS))
+    i.add_argument("--out", default=None, help="config file to write (default NAME.yaml)")
+    i.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    x = sub.add_parser(
+        "export", add_help=False, help="export a checkpoint for open_clip / the HF hub"
+    )
+    x.add_argument("args", nargs=argparse.REMAINDER, help="RUN [--step N] [--out DIR] [--push ID]")
     return ap
+
+
+SHIPPED_CONFIGS = ("demo", "laion400m-vitb32", "laion400m-vitl14-mlcd")
+"""Configs `megaclass init --from` copies (configs/<name>.yaml, shipped in the package)."""
+
+
+def init_config(name: str, source: str, out: str | None, force: bool = False) -> Path:
+    """Write configs/<source>.yaml, comments kept, with ``run_dir: runs/<name>`` and a header
+    saying what to edit; refuses to overwrite a file unless ``force``."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        raise InputError(f"megaclass init: run name {name!r}: use letters, digits, '.', '_', '-'")
+    path = Path(out or f"{name}.yaml")
+    if path.exists() and not force:
+        raise InputError(f"megaclass init: {path} exists; pass --force to overwrite it")
+    text = (Path(megaclass.__file__).parent / "configs" / f"{source}.yaml").read_text()
+    text, n = re.subn(r"(?m)^run_dir:.*$", f"run_dir: runs/{name}", text, count=1)
+    if n == 0:
+        text = f"run_dir: runs/{name}\n" + text
+    header = (
+        f"# Written by `megaclass init {name} --from {source}`: edit data.shards (and\n"
+        "# data.eval_shards) first; `megaclass config-help` lists every key with its meaning.\n"
+        f"# Run it with: megaclass run {path}\n#\n"
+    )
+    write_text_atomic(path, header + text)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in raw  # accepted anywhere: no config file or override is spelled so
     raw = [a for a in raw if a != "--debug"]
-    return run_guarded(lambda: _dispatch(raw), debug=debug)
+    try:
+        return run_guarded(lambda: _dispatch(raw), debug=debug)
+    except BrokenPipeError:  # `megaclass config-help | head`: the reader left; end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _dispatch(raw: list[str]) -> int:
     if raw[:2] == ["train", "reshard"]:  # `megaclass train reshard RUN --world-size N`
         return int(load_entry("megaclass.pipelines.train:reshard_main")(raw[2:]))
+    if raw[:1] == ["export"]:  # `megaclass export RUN [--step N] [--out DIR] [--push REPO_ID]`
+        return int(load_entry("megaclass.pipelines.export:main")(raw[1:]))
     args = build_parser().parse_args(raw)
     command = shlex.join(["megaclass", *raw])
     # the run config imports every stage package's config (torch among them): loaded here,
@@ -146,14 +197,22 @@ def _dispatch(raw: list[str]) -> int:
     from megaclass.pipelines.config import config_help, load_config
 
     if args.cmd == "config-help":
-        print(config_help())
+        sys.stdout.write(config_help() + "\n")
+        sys.stdout.flush()
+        return 0
+    if args.cmd == "init":
+        path = init_config(args.name, args.source, args.out, args.force)
+        print(f"megaclass: wrote {path}; edit data.shards, then `megaclass run {path}`")
         return 0
     if args.cmd in STAGE_ENTRYPOINTS:
         if args.cmd == "train" and launcher_rank() is not None:  # a rank under torchrun/srun
             load_entry("megaclass.pipelines.train:die_with_launcher")()
         cfg = load_config(args.config, args.overrides)
+        kw = {}
+        if args.cmd == "run" and args.stages:
+            kw["stages"] = [s.strip() for s in args.stages.split(",") if s.strip()]
         with RunDir(cfg.run_dir).lock(command):  # one writer per run directory
-            result = load_entry(STAGE_ENTRYPOINTS[args.cmd])(cfg, force=args.force)
+            result = load_entry(STAGE_ENTRYPOINTS[args.cmd])(cfg, force=args.force, **kw)
         if isinstance(result, dict) and result.get("print_json", False):
             print(json.dumps(result, indent=2, default=str))
         return 0
@@ -184,8 +243,6 @@ def _dispatch(raw: list[str]) -> int:
         cfg = load_config(args.config, args.overrides)
         script = load_entry("megaclass.pipelines.slurm:render")(cfg, args.stage, args.config)
         if args.out:
-            from megaclass.core.atomic import write_text_atomic
-
             write_text_atomic(args.out, script)
         else:
             sys.stdout.write(script)

@@ -47,7 +47,8 @@ def run_regroup(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     if not missing:
         summary = {
             "regrouped": False,
-            "reason": f"every training shard has a sidecar in {source}",
+            "reason": "every training shard has a label sidecar where the labels were assigned",
+            "labels_dir": str(source),
             "training_shards": len(stems),
         }
     else:

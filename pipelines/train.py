@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from megaclass.core.errors import InputError
 from megaclass.core.lock import TOKEN_ENV, RunDirLockedError
 from megaclass.core.net import free_port
 from megaclass.core.rundir import RunDir
@@ -76,10 +77,10 @@ def run_train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     try:
         summary = trainer.train(make_job(cfg))
     except Exception as e:
-        if type(e).__name__ == "LabelShaMismatchError":
-            raise SystemExit(
-                f"megaclass train: {e}\nThe label sidecars were made from different centroids "
-                "than RUN/cluster/centroids.npy: re-run `megaclass assign` (or point "
+        if type(e).__name__ == "LabelShaMismatchError":  # re-raised by a loader worker too
+            raise InputError(
+                f"{e}. The label sidecars were made from different centroids than "
+                "RUN/cluster/centroids.npy: re-run `megaclass assign` (or point "
                 "assign.labels_dir at matching labels)."
             ) from e
         raise

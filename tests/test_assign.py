@@ -138,3 +138,91 @@ def test_sigkill_and_resume_gives_identical_label_files(
         fa = (a / "labels" / f"{stem}.parquet").read_bytes()
         fb = (b / "labels" / f"{stem}.parquet").read_bytes()
         assert fa == fb, stem
+
+
+CRASHING_DRIVER = """
+import os, sys
+import ray
+from megaclass.pipelines.assign import run_assign
+from megaclass.pipelines.config import load_config
+
+CRASH_STEM, TALLY = sys.argv[1], sys.argv[2]
+
+
+def crash_on_stem():
+    # runs in every worker of this Ray instance: the actor exits hard on one stem
+    from megaclass.pipelines import assign
+
+    real = assign.AssignActor.assign_stem
+
+    def assign_stem(self, stem):
+        if stem == CRASH_STEM:
+            with open(TALLY, "a") as f:
+                f.write("attempt\\n")
+            os._exit(1)
+        return real(self, stem)
+
+    assign.AssignActor.assign_stem = assign_stem
+
+
+ray.init(
+    num_cpus=2,
+    include_dashboard=False,
+    log_to_driver=False,
+    runtime_env={"worker_process_setup_hook": crash_on_stem},
+)
+try:
+    run_assign(load_config(None, sys.argv[3:]))
+except Exception as e:
+    print("ASSIGN_ERROR:", type(e).__name__, flush=True)
+    sys.exit(3)
+print("ASSIGN_OK", flush=True)
+"""
+
+
+def test_crashing_actor_is_retried_a_bounded_number_of_times(
+    tmp_path: Path, embed_dir: Path
+) -> None:
+    """An actor that exits hard on one shard is restarted and the shard retried
+    ``assign.actor_crash_retries`` times, then the stage ends with Ray's error (Ray's default:
+    forever). Its own Ray instance in a subprocess, so that the end is seen as it is."""
+    import signal
+
+    run = tmp_path / "r"
+    extra = ("assign.concurrency=1", "assign.actor_crash_retries=1")
+    _clustered(run, embed_dir, *extra)
+    crash_stem = list_stems(embed_dir)[1]
+    tally = tmp_path / "attempts.txt"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["TQDM_DISABLE"] = "1"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CRASHING_DRIVER,
+            crash_stem,
+            str(tally),
+            *_args(run, embed_dir, *extra),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        out = b"(timed out: the crashing shard is retried without end)"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # a hung stage and its Ray processes
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    text = out.decode(errors="replace")
+    assert proc.returncode == 3 and "ASSIGN_ERROR: ActorDiedError" in text, text[-3000:]
+    assert tally.read_text().count("attempt") == 2  # the first try and actor_crash_retries=1
+    labels = run / "labels"
+    assert not (labels / f"{crash_stem}.parquet").exists()
+    assert not (labels / "_done" / f"{crash_stem}.json").exists()
+    assert not (labels / "_SUCCESS.json").exists()

@@ -107,3 +107,21 @@ def test_options_used_by_the_chosen_backend_are_accepted() -> None:
     load_config(None, ["assign.num_gpus_per_actor=1", "assign.bf16=true"])
     for name in ("demo", "laion400m-vitb32", "laion400m-vitl14-mlcd"):
         load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+
+
+def test_a_run_from_before_new_config_keys_resumes(tmp_path) -> None:
+    """config.yaml written before a key existed: the key takes its default, no 'changed'."""
+    run = tmp_path / "run"
+    rd = RunDir(run)
+    cfg = load_config(None, [f"run_dir={run}"])
+    rd.write_config(cfg)
+    old = yaml.safe_load(rd.config_path.read_text())
+    del old["memory_check"], old["train"]["margin_m1"], old["data"]["allow_pipe_in_lists"]
+    rd.config_path.write_text(yaml.safe_dump(old))
+    (run / "cluster").mkdir()
+    (run / "cluster" / "centroids.npy").write_bytes(b"x")  # the run has output
+    rd.write_config(cfg)  # no ConfigChangedError: the missing keys are defaults
+    with pytest.raises(ConfigChangedError, match="train.margin_m1"):
+        rd.write_config(
+            load_config(None, [f"run_dir={run}", "train.margin=combined", "train.margin_m1=0.9"])
+        )

@@ -7,13 +7,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from megaclass.core.rundir import RunDir
 from megaclass.data.reader import iter_samples
 from megaclass.data.shards import shard_stem
 from megaclass.data.stats import SampleStats
 from megaclass.data.writer import ShardWriter
 from megaclass.pipelines.config import DataConfig, EmbedConfig, RayConfig, RunConfig
 from megaclass.pipelines.embed import run_embed
-from megaclass.core.rundir import RunDir
 from megaclass.training.teachers import load_teacher
 from PIL import Image
 

@@ -119,7 +119,11 @@ def test_no_import_cycles():
     "edges, upward, cyclic",
     [
         ({"megaclass.data.a": {"megaclass.pipelines.b"}}, 1, 0),
-        ({"megaclass.data.a": {"megaclass.data.b"}, "megaclass.data.b": {"megaclass.data.a"}}, 0, 1),
+        (
+            {"megaclass.data.a": {"megaclass.data.b"}, "megaclass.data.b": {"megaclass.data.a"}},
+            0,
+            1,
+        ),
         ({"megaclass.pipelines.a": {"megaclass.core.b"}, "megaclass.core.b": set()}, 0, 0),
     ],
 )

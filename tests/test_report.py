@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from megaclass.core.atomic import write_json_atomic
 from megaclass.pipelines.config import RunConfig, dump_config
-from megaclass.pipelines.retrieval import evaluate_features
 from megaclass.pipelines.report import build_report
+from megaclass.pipelines.retrieval import evaluate_features
 from PIL import Image
 
 STAGE_FILES = {
