@@ -26,11 +26,11 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from megaclass.clustering.backends import train_kmeans  # noqa: E402
+from megaclass.clustering.cluster_stats import imbalance  # noqa: E402
 from megaclass.clustering.hierarchical import allocate  # noqa: E402
 from megaclass.clustering.kmeans import KMeansParams, init_centroids  # noqa: E402
 from megaclass.clustering.lloyd import chunked_topk  # noqa: E402
 from megaclass.clustering.search import Tree, tree_topk  # noqa: E402
-from megaclass.clustering.stats import imbalance  # noqa: E402
 from megaclass.clustering.synthetic import planted_sphere  # noqa: E402
 
 

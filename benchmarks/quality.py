@@ -516,8 +516,8 @@ def build_cache(cfg: QualityConfig) -> Cache:
 def pseudo_labels(cache: Cache, feature: str, k: int, topk: int, seed: int, niter: int) -> dict:
     """Cluster the seen images' teacher features into k classes; top-``topk`` labels each."""
     from megaclass.clustering.backends import KMeansParams, train_kmeans
+    from megaclass.clustering.cluster_stats import imbalance, quality
     from megaclass.clustering.search import CentroidSearcher
-    from megaclass.clustering.stats import imbalance, quality
     from megaclass.data.embeddings import fuse
 
     s = cache.seen

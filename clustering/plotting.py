@@ -1,6 +1,6 @@
 """Headless matplotlib: one Agg setup and one atomic PNG save for every plot megaclass writes.
 
-Why a module of its own: the cluster stage (``clustering/stats.py``) and the run report
+Why a module of its own: the cluster stage (``clustering/cluster_stats.py``) and the run report
 (``pipelines/report_plots.py``) both draw PNGs on nodes without a display, and both must write
 them so that a killed process leaves a whole plot or none (``core/atomic.py``). Keeping the
 backend choice, resolution and save in one place keeps the two sets of plots alike. It sits in

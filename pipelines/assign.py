@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+from megaclass.clustering.cluster_stats import size_stats
 from megaclass.clustering.fault import maybe_die
 from megaclass.clustering.search import CentroidSearcher, Tree
-from megaclass.clustering.stats import size_stats
 from megaclass.core.errors import InputError, MissingInputError
 from megaclass.core.memory import MemoryPlan
 from megaclass.core.rundir import RunDir

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 from megaclass.clustering.backends import KMeansParams, train_kmeans
+from megaclass.clustering.cluster_stats import plot_objective, plot_sizes, quality, size_stats
 from megaclass.clustering.hierarchical import hierarchical_peak_bytes
 from megaclass.clustering.lloyd import chunked_topk
 from megaclass.clustering.sampling import load_sample
 from megaclass.clustering.search import Tree, tree_topk
-from megaclass.clustering.stats import plot_objective, plot_sizes, quality, size_stats
 from megaclass.core.atomic import atomic_path, write_json_atomic, write_text_atomic
 from megaclass.core.errors import InputError
 from megaclass.core.memory import MemoryPlan

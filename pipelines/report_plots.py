@@ -4,7 +4,7 @@ Why a module of its own: plotting needs matplotlib and can fail on odd data, and
 still be written then, so every plot here either writes its PNG and returns None or returns the
 reason it could not (missing data, a failed stage), and :func:`write_plots` records that reason
 instead of the file. The k-means objective and cluster-size plots are the cluster stage's own
-(``clustering/stats.py``), called with the report's titles, so each plot has one implementation.
+(``clustering/cluster_stats.py``), called with the report's titles, so each plot has one implementation.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from megaclass.clustering.cluster_stats import plot_objective, plot_sizes
 from megaclass.clustering.plotting import pyplot, save_fig
-from megaclass.clustering.stats import plot_objective, plot_sizes
 from megaclass.core.rundir import RunDir
 from megaclass.pipelines.report_read import RunData, recall_ks
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from megaclass.clustering.backends import train_kmeans
+from megaclass.clustering.cluster_stats import imbalance, quality, size_stats
 from megaclass.clustering.hierarchical import allocate
 from megaclass.clustering.kmeans import KMeansParams, init_centroids
 from megaclass.clustering.lloyd import (
@@ -17,7 +18,6 @@ from megaclass.clustering.lloyd import (
     update_centroids,
 )
 from megaclass.clustering.search import CentroidSearcher, build_tree, tree_topk
-from megaclass.clustering.stats import imbalance, quality, size_stats
 from megaclass.clustering.synthetic import planted_sphere
 from sklearn.metrics import normalized_mutual_info_score
 
