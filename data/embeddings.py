@@ -107,8 +107,9 @@ def write_embeddings_shard(
     Arrays are stored as float16 (the readers widen to float32). ``metadata`` holds string
     columns in file order and must include ``key``, one entry per row. Every file is written and
     fsynced under a temporary name first; only when all are written are they renamed into place
-    (metadata last). If anything fails (the disk fills up, the parquet writer refuses a value),
-    the temporaries are removed, and so is every file of the stem already in place (an older
+    (metadata last); a ``text_emb`` file left by an older version is removed when ``txt`` is
+    None. If anything fails (the disk fills up, the parquet writer refuses a value), the
+    temporaries are removed, and so is every file of the stem already in place (an older
     version's included), and the error propagates: the stem then has no files at all. The
     caller writes its completion marker after this returns.
 
@@ -121,6 +122,9 @@ def write_embeddings_shard(
     hook = before_file or (lambda kind: None)
     img_path, txt_path, meta_path = _shard_files(embed_dir, stem)
     try:
+        if txt is None and txt_path.exists():  # an older version's: not this one's
+            txt_path.unlink()
+            fsync_dir(txt_path.parent)
         # built before any file: a value Arrow refuses (not UTF-8) leaves nothing behind
         table = pa.table({name: pa.array(col, pa.string()) for name, col in metadata.items()})
         with contextlib.ExitStack() as stack:

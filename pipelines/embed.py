@@ -502,7 +502,7 @@ def finish_stage(
     if failed:
         write_json_atomic(embed_dir / "_FAILED.json", summary)
         msg = (
-            f"embed: {len(failed)} shard(s) failed (up to {attempts} attempts each): "
+            f"embed: {len(failed)} shard(s) failed (up to {attempts} attempt(s) each): "
             + "; ".join(f"{url}: {err}" for url, err in sorted(failed.items()))
         )
         if not allow_failed:
@@ -549,7 +549,10 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
             f"embed.actor_crash_retries must be >= 0, got {cfg.embed.actor_crash_retries}"
         )
     spec = TeacherSpec.from_config(cfg)
-    check_teacher_names(spec.image_teacher, spec.text_teacher)
+    # names, and no open_clip teacher without weights unless asked for (embed.allow_random_teacher)
+    check_teacher_names(
+        spec.image_teacher, spec.text_teacher, cfg.embed.pretrained, cfg.embed.allow_random_teacher
+    )
     # which weights the vectors come from (a tag, a file and its sha256, shipped, random)
     weights = {"image": teacher_weights_record(spec.image_teacher, spec.pretrained)}
     weights["text"] = (

@@ -87,23 +87,25 @@ class CrashLedger:
     A unit is ``(where, stem, chunk)``: ``("decode", stem, -1)`` for a decode task,
     ``("teacher", stem, i)`` for chunk ``i`` in a teacher actor. Workers report each unit before
     starting it (:meth:`start`, waited for) and when done (:meth:`finish`, not waited for), under
-    their Ray task id. Ray keeps a task's id when it retries the task after its process died, so
-    a start under an id whose last unit never finished means that unit's process died: that is
-    counted as a crash of the unit. Only work in flight is held, plus the crash counts.
+    a worker key that survives the death of their process: the actor id for an actor (Ray
+    restarts it under the same id; it runs one call at a time), the task id for a task (a
+    retried task keeps it). A start under a key whose last unit never finished means that
+    unit's process died: that is counted as a crash of the unit. Only work in flight is held,
+    plus the crash counts.
     """
 
     def __init__(self) -> None:
         self.running: dict[str, tuple[str, str, int]] = {}
         self.crashes: dict[tuple[str, str, int], int] = {}
 
-    def start(self, task: str, where: str, stem: str, chunk: int) -> None:
-        died = self.running.get(task)
-        if died is not None:  # the task's previous attempt never finished this unit
+    def start(self, worker: str, where: str, stem: str, chunk: int) -> None:
+        died = self.running.get(worker)
+        if died is not None:  # the worker's previous process never finished this unit
             self.crashes[died] = self.crashes.get(died, 0) + 1
-        self.running[task] = (where, stem, chunk)
+        self.running[worker] = (where, stem, chunk)
 
-    def finish(self, task: str) -> None:
-        self.running.pop(task, None)
+    def finish(self, worker: str) -> None:
+        self.running.pop(worker, None)
 
     def crashed(self) -> dict[str, tuple[str, int, int]]:
         """``{stem: (where, chunk, deaths seen)}`` of the shards whose work crashed a process."""
@@ -114,10 +116,17 @@ class CrashLedger:
         return out
 
 
-def _task_id() -> str:
+def _worker_key() -> str:
+    """The caller's key for :class:`CrashLedger`: its actor id, else its task id.
+
+    Why not the task id in an actor: in Ray Data's actors it names the actor's long-running
+    call, not one chunk, and a restarted actor's retried call gets a new one.
+    """
     import ray
 
-    return str(ray.get_runtime_context().get_task_id())
+    ctx = ray.get_runtime_context()
+    actor = ctx.get_actor_id()
+    return f"actor:{actor}" if actor else f"task:{ctx.get_task_id()}"
 
 
 def ledger_start(ledger: Any, where: str, stem: str, chunk: int) -> None:
@@ -130,7 +139,7 @@ def ledger_start(ledger: Any, where: str, stem: str, chunk: int) -> None:
     import ray
 
     try:
-        ray.get(ledger.start.remote(_task_id(), where, stem, chunk), timeout=60)
+        ray.get(ledger.start.remote(_worker_key(), where, stem, chunk), timeout=60)
     except Exception as e:  # attribution is best effort
         logger.debug("crash ledger unreachable: %s", e)
 
@@ -140,7 +149,7 @@ def ledger_finish(ledger: Any) -> None:
     if ledger is None:
         return
     try:
-        ledger.finish.remote(_task_id())
+        ledger.finish.remote(_worker_key())
     except Exception as e:
         logger.debug("crash ledger unreachable: %s", e)
 

@@ -24,7 +24,8 @@ K = 10
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a fresh instance even when another Ray on this machine was started by `ray start`
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -193,8 +194,7 @@ def test_crashing_actor_is_retried_a_bounded_number_of_times(
     _clustered(run, embed_dir, *extra)
     crash_stem = list_stems(embed_dir)[1]
     tally = tmp_path / "attempts.txt"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["TQDM_DISABLE"] = "1"
+    env = dict(os.environ, RAY_ADDRESS="local", TQDM_DISABLE="1")  # a fresh local Ray
     proc = subprocess.Popen(
         [
             sys.executable,

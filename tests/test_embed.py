@@ -22,8 +22,23 @@ from megaclass.data.shards import shard_stem
 from megaclass.data.stats import SampleStats
 from megaclass.data.writer import ShardWriter
 from megaclass.pipelines.config import DataConfig, EmbedConfig, RayConfig, RunConfig, load_config
-from megaclass.pipelines.embed import EmbedError, done_matches, finish_stage, run_embed
-from megaclass.pipelines.embed_actor import EMBED_FAULT_ENV, TeacherSpec, actor_threads, fault_plan
+from megaclass.pipelines.embed import (
+    WRITE_FAULT_ENV,
+    EmbedError,
+    done_matches,
+    finish_stage,
+    run_embed,
+    write_fault_plan,
+)
+from megaclass.pipelines.embed_actor import (
+    EMBED_CRASH_ENV,
+    EMBED_FAULT_ENV,
+    CrashLedger,
+    TeacherSpec,
+    actor_threads,
+    crash_plan,
+    fault_plan,
+)
 from megaclass.pipelines.embed_decode import input_signature
 from megaclass.training.teachers import load_teacher
 from PIL import Image
@@ -36,7 +51,8 @@ def local_ray():
     """One local Ray with 2 CPUs for the whole module (run_embed joins it and leaves it up)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    # "local": a fresh instance even when another Ray on this machine was started by `ray start`
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()
 
@@ -99,6 +115,7 @@ def read_stem(embed_dir: Path, stem: str):
 
 def cfg_for(run_dir, shards, **embed):
     e = dict(image_teacher=TINY, text_teacher=TINY, batch_size=4, max_retries=1)
+    e["allow_random_teacher"] = True  # the tiny test teacher has no weights
     e.update(embed)
     return RunConfig(
         run_dir=str(run_dir),
@@ -367,7 +384,7 @@ def test_sigkill_driver_then_resume_gives_identical_files(local_ray, tmp_path):
     yaml_path = _write_yaml(tmp_path / "killed.yaml", killed_dir, shards)
     done_dir = killed_dir / "embed" / "_done"
     megaclass = Path(sys.executable).with_name("megaclass")
-    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0")
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_DEDUP_LOGS="0", RAY_ADDRESS="local")
     proc = subprocess.Popen(
         [str(megaclass), "embed", str(yaml_path)],
         stdout=subprocess.DEVNULL,
@@ -414,3 +431,190 @@ def test_sigkill_driver_then_resume_gives_identical_files(local_ray, tmp_path):
             .to_pylist()
         )
     assert len(keys) == len(set(keys)) == 160  # no duplicate, no missing key
+
+
+# ----------------------------------------------------------------------------------------
+# one bad sample or one failed write stays with its shard; start-up; LAION metadata
+
+
+def test_bad_key_and_metadata_skip_the_sample_not_the_shard(local_ray, tmp_path, data_helpers):
+    """A raw byte in a member name and a lone surrogate in a json used to reach the parquet
+    writer, fail every shard in flight and leave img_emb files without metadata; now each is
+    one counted skip and every shard is written. The summary records the teacher's weights."""
+    good = make_shards(tmp_path / "shards", [5], seed=1)
+    img = data_helpers.jpeg(20, 20, 3)
+    members = data_helpers.sample("k0", img, "fine", {"class": "a"})
+    members += data_helpers.sample("bad\udcffkey", img, "raw byte in the name", {})
+    members += data_helpers.sample("k1", img, "lone surrogate", b'{"class": "b", "n": "\\udc80"}')
+    members += data_helpers.sample("k2", img, "fine too", {"class": "c", "n": "\u00e9"})
+    damaged = data_helpers.raw_tar(tmp_path / "shards" / "damaged.tar", members)
+    cfg = cfg_for(tmp_path / "run", good + [str(damaged)])
+    summary = run_embed(cfg)
+    embed_dir = RunDir(cfg.run_dir).embed
+    assert (summary["shards_embedded"], summary["shards_failed"], summary["rows"]) == (2, 0, 7)
+    _, _, meta = read_stem(embed_dir, "damaged")
+    assert meta["key"] == ["k0", "k2"] and meta["class"] == ["a", "c"]
+    assert json.loads(meta["json"][1]) == {"class": "c", "n": "\u00e9"}
+    assert RunDir.read_done(embed_dir, "damaged")["skipped"] == {"bad_key": 1, "bad_metadata": 1}
+    assert summary["skipped"] == {"bad_key": 1, "bad_metadata": 1}
+    random_tiny = {"teacher": TINY, "weights": "random", "seed": 0}
+    assert summary["teacher_weights"] == {"image": random_tiny, "text": random_tiny}
+    success = json.loads((embed_dir / "_SUCCESS.json").read_text())
+    assert success["teacher_weights"] == summary["teacher_weights"]
+
+
+def test_write_failures_fail_only_their_shard_and_leave_no_file(local_ray, tmp_path, monkeypatch):
+    """ENOSPC while writing one shard's metadata, and while writing another's ``_done`` record:
+    those two shards fail with the error as their reason and keep no file (not even an older
+    version's), the others are written; the next run writes just the two."""
+    shards = make_shards(tmp_path / "shards", [5, 6, 4, 3], seed=4)
+    stems = [shard_stem(u) for u in shards]
+    cfg = cfg_for(tmp_path / "run", shards)
+    embed_dir = RunDir(cfg.run_dir).embed
+    bad = {stems[1]: "metadata", stems[2]: "_done"}
+    monkeypatch.setenv(WRITE_FAULT_ENV, ",".join(f"{s}:{f}" for s, f in bad.items()))
+    with pytest.raises(EmbedError, match="No space left on device"):
+        run_embed(cfg)
+    failed = json.loads((embed_dir / "_FAILED.json").read_text())
+    assert sorted(failed["failed"]) == [shards[1], shards[2]]
+    for url in (shards[1], shards[2]):
+        assert failed["failed"][url].startswith(
+            "write: OSError: [Errno 28] No space left on device"
+        )
+    assert (failed["shards_embedded"], failed["shards_failed"], failed["rows"]) == (2, 2, 8)
+
+    def files_of(stem: str) -> list[Path]:
+        return sorted(p for p in embed_dir.rglob("*") if p.is_file() and stem in p.name)
+
+    for stem in bad:
+        assert files_of(stem) == []  # no .npy, .parquet, _done, nor a .tmp-* left behind
+    for stem, n in ((stems[0], 5), (stems[3], 3)):
+        assert RunDir.read_done(embed_dir, stem)["rows"] == n
+        assert [p.parent.name for p in files_of(stem)] == [
+            "_done",
+            "img_emb",
+            "metadata",
+            "text_emb",
+        ]
+
+    monkeypatch.delenv(WRITE_FAULT_ENV)
+    again = run_embed(cfg)  # space freed: only the failed shards are written
+    assert (again["shards_done_before"], again["shards_embedded"], again["rows"]) == (2, 2, 18)
+    assert not (embed_dir / "_FAILED.json").exists()
+
+    # a changed input is embedded again; its write fails: the older version goes too, so the
+    # folder never holds a shard's old metadata beside new vectors (or a record for either)
+    os.utime(shards[1], ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    monkeypatch.setenv(WRITE_FAULT_ENV, f"{stems[1]}:text_emb")
+    with pytest.raises(EmbedError, match=rf"{stems[1]}\.tar: write: OSError"):
+        run_embed(cfg)
+    assert files_of(stems[1]) == []
+    assert len(files_of(stems[0])) == 4
+
+
+def test_input_signatures_run_in_parallel_in_order(tmp_path, monkeypatch):
+    """Start-up stats every shard for the restart check: on a thread pool, not one by one."""
+    from megaclass.pipelines import embed_decode
+
+    real = make_shards(tmp_path / "shards", [1, 2, 1])
+    assert embed_decode.input_signatures(real) == [input_signature(u) for u in real]
+
+    def slow(url: str) -> dict:
+        time.sleep(0.2)  # one object-store round trip, exaggerated
+        return {"url": url}
+
+    monkeypatch.setattr(embed_decode, "input_signature", slow)
+    urls = [f"s3://bucket/laion/{i:05d}.tar" for i in range(48)]
+    t0 = time.perf_counter()
+    sigs = embed_decode.input_signatures(urls)
+    assert time.perf_counter() - t0 < 3.0  # one after another: 9.6 s
+    assert [s["url"] for s in sigs] == urls
+
+
+def test_clip_retrieval_metadata_gets_keys_from_image_path(tmp_path):
+    """clip-retrieval's metadata has ``image_path`` but no ``key``: the key is the file name."""
+    import pyarrow as pa
+    from megaclass.data import regroup
+    from megaclass.data.embeddings import (
+        EmbeddingsError,
+        key_from_path,
+        load_shard,
+        read_keys,
+        validate_embeddings_dir,
+    )
+
+    assert regroup.key_from_path is key_from_path  # moved, still importable from regroup
+    byo = tmp_path / "clip"
+    (byo / "img_emb").mkdir(parents=True)
+    (byo / "metadata").mkdir()
+    x = np.random.default_rng(1).normal(size=(3, 8)).astype(np.float16)
+    np.save(byo / "img_emb" / "img_emb_0.npy", x)
+    paths = ["/data/laion/00012/000120034.jpg", "00012.tar/000120035.jpg", "C:\\l\\000120036.webp"]
+    meta = pa.table({"image_path": paths, "caption": ["a", "b", "c"]})
+    pq.write_table(meta, byo / "metadata" / "metadata_0.parquet")
+    assert validate_embeddings_dir(byo)["rows"] == 3
+    want = ["000120034", "000120035", "000120036"]
+    assert read_keys(byo, "metadata_0") == want
+    keys, feats = load_shard(byo, "metadata_0", "image")
+    assert keys == want and feats.shape == (3, 8)
+
+    pq.write_table(
+        pa.table({"image_path": [paths[0], None, paths[2]]}),
+        byo / "metadata" / "metadata_0.parquet",
+    )
+    with pytest.raises(EmbeddingsError, match="1 rows have no image_path"):
+        read_keys(byo, "metadata_0")
+    pq.write_table(pa.table({"url": ["u"] * 3}), byo / "metadata" / "metadata_0.parquet")
+    with pytest.raises(EmbeddingsError, match="missing column 'key' \\(or 'image_path'"):
+        validate_embeddings_dir(byo)
+
+
+def test_write_and_crash_fault_switches_and_the_crash_ledger(monkeypatch):
+    monkeypatch.setenv(WRITE_FAULT_ENV, "a:metadata, dir-b:_done")
+    assert write_fault_plan() == {"a": "metadata", "dir-b": "_done"}
+    monkeypatch.setenv(WRITE_FAULT_ENV, "a:parquet")
+    with pytest.raises(ValueError, match=WRITE_FAULT_ENV):
+        write_fault_plan()
+    monkeypatch.setenv(EMBED_CRASH_ENV, "x, y,")
+    assert crash_plan() == {"x", "y"}
+
+    # the ledger's rule, without Ray: a worker that starts again before it finished had died
+    ledger = CrashLedger()
+    ledger.start("actor:1", "teacher", "s0", 0)
+    ledger.finish("actor:1")
+    ledger.start("actor:1", "teacher", "s1", 3)  # dies here ...
+    ledger.start("actor:2", "teacher", "s0", 1)  # (another actor, in flight at the end)
+    ledger.start("actor:1", "teacher", "s2", 0)  # ... the restarted actor takes other work
+    ledger.start("task:9", "decode", "s3", -1)
+    ledger.start("task:9", "decode", "s3", -1)  # a decode task retried after its death
+    assert ledger.crashed() == {"s1": ("teacher", 3, 1), "s3": ("decode", -1, 1)}
+
+
+def test_embeddings_shard_is_written_all_or_nothing(tmp_path):
+    """A value the parquet writer refuses (a lone surrogate) or a failing file leaves no file
+    of the stem, not even the older version's; a version without text drops the old text_emb."""
+    from megaclass.data.embeddings import write_embeddings_shard
+
+    x = np.ones((2, 4), np.float32)
+    meta = {"key": ["a", "b"], "caption": ["x", "y"]}
+    write_embeddings_shard(tmp_path, "s", x, x, meta)
+    assert sorted(p.parent.name for p in tmp_path.rglob("s.*")) == [
+        "img_emb",
+        "metadata",
+        "text_emb",
+    ]
+    with pytest.raises(UnicodeEncodeError):
+        write_embeddings_shard(tmp_path, "s", x, x, {"key": ["a", "\udcff"]})
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+    def full_disk(kind: str) -> None:
+        if kind == "metadata":
+            raise OSError(28, "No space left on device")
+
+    write_embeddings_shard(tmp_path, "s", x, x, meta)
+    with pytest.raises(OSError, match="No space"):
+        write_embeddings_shard(tmp_path, "s", x, None, meta, before_file=full_disk)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    write_embeddings_shard(tmp_path, "s", x, x, meta)
+    write_embeddings_shard(tmp_path, "s", x, None, meta)
+    assert sorted(p.parent.name for p in tmp_path.rglob("s.*")) == ["img_emb", "metadata"]

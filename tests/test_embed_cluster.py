@@ -46,7 +46,9 @@ def test_two_node_cluster_equals_plain_loop(two_node_cluster, tmp_path):
         run_dir=str(tmp_path / "run"),
         data=DataConfig(shards="::".join(shards)),
         ray=RayConfig(address=two_node_cluster.address),
-        embed=EmbedConfig(image_teacher=TINY, text_teacher=TINY, batch_size=3),
+        embed=EmbedConfig(
+            image_teacher=TINY, text_teacher=TINY, batch_size=3, allow_random_teacher=True
+        ),
     )
     # the stage joins the running cluster (and leaves it up: it did not start it)
     ray.init(address=two_node_cluster.address)

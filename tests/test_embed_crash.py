@@ -96,7 +96,7 @@ def _run_stage(tmp_path: Path, shards: list[str], env: dict[str, str], timeout: 
 def test_actor_crash_fails_only_its_shard_and_the_stage_ends(tmp_path):
     shards = _shards(tmp_path / "shards", [6, 7, 5])
     crash_stem = "000001"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray
+    env = dict(os.environ, RAY_ADDRESS="local")  # a fresh local Ray, whatever else runs here
     env.update({EMBED_CRASH_ENV: crash_stem, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
     rc, out = _run_stage(tmp_path, shards, env, timeout=420)
     assert rc == 3, out[-4000:]  # EmbedError, not a hang (timeout) or a Ray traceback

@@ -137,3 +137,22 @@ def test_record_refuses_unusable_pretrained(tmp_path):
         teacher_weights_record(TINY, str(tmp_path))
     with pytest.raises(TeacherError, match="teacher 'resnet'"):
         teacher_weights_record("resnet", None)
+
+
+def test_the_embed_stage_refuses_a_random_teacher_before_any_work(tmp_path) -> None:
+    """run_embed with an open_clip teacher and no embed.pretrained: one ConfigError naming the
+    key, raised before Ray starts or any file is written."""
+    from megaclass.pipelines.config import load_config
+    from megaclass.pipelines.embed import run_embed
+
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"data.shards={tmp_path}/x.tar",
+            f"embed.image_teacher={TINY}",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"embed\.pretrained"):
+        run_embed(cfg)
+    assert not (tmp_path / "run" / "embed" / "img_emb").exists()
