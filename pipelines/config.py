@@ -274,11 +274,12 @@ def embeddings_dir_of(cfg: RunConfig) -> Path:
     return RunDir(cfg.run_dir).embed
 
 
-def labels_dir_of(cfg: RunConfig) -> Path:
+def labels_dir_of(cfg: RunConfig, as_assigned: bool = False) -> Path:
     """Where training reads label sidecars: RUN/shard_labels when the regroup stage rebuilt them
-    per training shard, else ``assign.labels_dir`` if set, else RUN/labels."""
+    per training shard, else ``assign.labels_dir`` if set, else RUN/labels. ``as_assigned``:
+    where the labels are as assigned or brought (what the regroup stage reads)."""
     rd = RunDir(cfg.run_dir)
-    regroup = rd.read_success("regroup")
+    regroup = None if as_assigned else rd.read_success("regroup")
     if regroup and regroup.get("regrouped"):
         return rd.folder("regroup")
     if cfg.assign.labels_dir:

@@ -11,23 +11,15 @@ parts and shards already done are kept (docs/architecture.md, "regroup").
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from megaclass.core.rundir import RunDir
 from megaclass.data.labels import label_path
 from megaclass.data.regroup import regroup_labels
 from megaclass.data.shards import expand_shards, shard_stem
-from megaclass.pipelines.config import RunConfig
+from megaclass.pipelines.config import RunConfig, labels_dir_of
 
 log = logging.getLogger(__name__)
-
-
-def assigned_labels_dir(cfg: RunConfig) -> Path:
-    """Where the labels are as assigned (or brought): ``assign.labels_dir`` or RUN/labels."""
-    if cfg.assign.labels_dir:
-        return Path(cfg.assign.labels_dir).expanduser()
-    return RunDir(cfg.run_dir).labels
 
 
 def run_regroup(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
@@ -40,7 +32,7 @@ def run_regroup(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         summary: dict[str, Any] = {"regrouped": False, "reason": "siglip trains without labels"}
         rd.finish_stage("regroup", summary)
         return summary
-    source = assigned_labels_dir(cfg)
+    source = labels_dir_of(cfg, as_assigned=True)
     urls = expand_shards(cfg.data.shards, cfg.data.allow_pipe_in_lists)
     stems = [shard_stem(u) for u in urls]
     missing = [s for s in stems if not label_path(source, s).is_file()]
