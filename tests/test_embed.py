@@ -359,6 +359,7 @@ def _write_yaml(path: Path, run_dir: Path, shards: list[str]) -> Path:
                 "embed:",
                 f"  image_teacher: '{TINY}'",
                 f"  text_teacher: '{TINY}'",
+                "  allow_random_teacher: true",  # the tiny test teacher has no weights
                 "  image_size: 64",
                 "  batch_size: 4",
             ]
