@@ -146,6 +146,33 @@ def build_parser() -> argparse.ArgumentParser:
         "export", add_help=False, help="export a checkpoint for open_clip / the HF hub"
     )
     x.add_argument("args", nargs=argparse.REMAINDER, help="RUN [--step N] [--out DIR] [--push ID]")
+
+    ix = sub.add_parser("index", help="embed a shard set with an eval encoder into a faiss index")
+    ix.add_argument("config", help="YAML run config (its encoders, data.class_field, …)")
+    ix.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    ix.add_argument(
+        "--encoder",
+        default="student",
+        help="an eval.encoders entry: teacher, student, open_clip:<model>[@weights], a path "
+        "(default student)",
+    )
+    ix.add_argument("--shards", required=True, help="shard spec to index (brace ranges, lists)")
+    ix.add_argument("--out", required=True, help="index folder to write")
+    ix.add_argument(
+        "--flat-max", type=int, default=None, help="exact flat index up to this many images, "
+        "IVF above (default 500000)",
+    )  # fmt: skip
+    ix.add_argument("--nlist", type=int, default=None, help="IVF lists (default ≈ 4·sqrt(n))")
+    ix.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (stored)")
+    ix.add_argument("--seed", type=int, default=None, help="IVF training sample (default: seed)")
+    ix.add_argument("--batch-size", type=int, default=None, help="default eval.batch_size")
+    ix.add_argument("--device", default=None, help="default eval.device")
+    ix.add_argument("--force", action="store_true", help="rebuild an existing index folder")
+
+    q = sub.add_parser(
+        "search", add_help=False, help="nearest neighbours of images/texts in an index"
+    )
+    q.add_argument("args", nargs=argparse.REMAINDER, help="DIR QUERY... [-k 10] [--html FILE]")
     return ap
 
 
@@ -190,6 +217,8 @@ def _dispatch(raw: list[str]) -> int:
         return int(load_entry("megaclass.pipelines.train:reshard_main")(raw[2:]))
     if raw[:1] == ["export"]:  # `megaclass export RUN [--step N] [--out DIR] [--push REPO_ID]`
         return int(load_entry("megaclass.pipelines.export:main")(raw[1:]))
+    if raw[:1] == ["search"]:  # `megaclass search DIR QUERY... [-k 10] [--html FILE]`
+        return int(load_entry("megaclass.pipelines.search:main")(raw[1:]))
     args = build_parser().parse_args(raw)
     command = shlex.join(["megaclass", *raw])
     # the run config imports every stage package's config (torch among them): loaded here,
@@ -215,6 +244,29 @@ def _dispatch(raw: list[str]) -> int:
             result = load_entry(STAGE_ENTRYPOINTS[args.cmd])(cfg, force=args.force, **kw)
         if isinstance(result, dict) and result.get("print_json", False):
             print(json.dumps(result, indent=2, default=str))
+        return 0
+    if args.cmd == "index":  # writes its own folder (locked), reads the run directory
+        from megaclass.core.lock import exclusive
+        from megaclass.pipelines.index import DEFAULT_FLAT_MAX, build_index
+
+        cfg = load_config(args.config, args.overrides)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise InputError(f"megaclass index: --out {args.out} exists and is not a folder")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        with exclusive(args.out, command):
+            build_index(
+                cfg,
+                args.encoder,
+                args.shards,
+                args.out,
+                flat_max=DEFAULT_FLAT_MAX if args.flat_max is None else args.flat_max,
+                nlist=args.nlist,
+                nprobe=args.nprobe,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                device=args.device,
+                force=args.force,
+            )
         return 0
     if args.cmd == "demo":
         return int(load_entry("megaclass.pipelines.demo:run_demo")(args.out, args.overrides) or 0)

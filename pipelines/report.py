@@ -9,9 +9,12 @@ Writes ``RUN/report.json`` (one section per stage with ``status`` = complete | p
 missing | unreadable | skipped — the last for embed/cluster/assign under bring-your-own labels),
 ``RUN/report.md``, ``RUN/report.html`` (self-contained: the PNG plots are embedded as base64
 data URIs, no scripts, no external links) and ``RUN/plots/*.png``: k-means objective,
-cluster-size distribution, training loss and learning rate, Recall@K per encoder, metric
-against feature dimension. A plot whose data is not there is listed as missing with the reason
-instead. What is read from where: ``report_read.py``; the run directory: docs/architecture.md.
+cluster-size distribution, training loss and learning rate, held-out Recall@1 / mAP@R during
+training (the ``"kind": "eval"`` lines of ``RUN/train/metrics.jsonl``), Recall@K per encoder,
+metric against feature dimension. A plot whose data is not there is listed as missing with the
+reason instead. The eval section ends with *retrieval examples*: a few seeded held-out queries
+with each encoder's top-5 neighbours from ``RUN/eval/features/*.npz``, right/wrong class marked
+(green/red borders in HTML with thumbnails read from the eval shards, ✓/✗ in markdown). What is read from where: ``report_read.py``; the run directory: docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -332,7 +335,85 @@ def render_md(report: dict[str, Any]) -> str:
                     f"*{PLOT_TITLES[p]}: not available — {plot.get('missing', 'no data')}.*",
                     "",
                 ]
+        if stage == "eval" and report.get("retrieval_examples"):
+            lines += examples_md(report["retrieval_examples"])
     return "\n".join(lines) + "\n"
+
+
+def examples_md(ex: dict[str, Any]) -> list[str]:
+    """The retrieval examples as markdown: per query, one row of neighbour keys per encoder."""
+    title = "### Retrieval examples"
+    if ex.get("status") != "complete":
+        why = ex.get("note") or ex.get("error") or "not available"
+        return [title, "", f"*Retrieval examples: not available — {why}.*", ""]
+    encs = ex["encoders"]
+    k = ex["k"]
+    acc = ", ".join(f"{n} {100 * ex['accuracy'][n]:.0f}%" for n in encs)
+    lines = [
+        title,
+        "",
+        f"{len(ex['queries'])} held-out queries (seed {ex['seed']}), top-{k} neighbours by cosine "
+        f"per encoder (the query itself excluded); ✓ same class as the query, ✗ another class. "
+        f"Right: {acc}.",
+        "",
+    ]
+    for q in ex["queries"]:
+        lines += [f"Query **{q['key']}** (class {q['class']}):", ""]
+        rows = [
+            [n]
+            + [f"{h['key']} {'✓' if h['correct'] else '✗'}" for h in q["neighbours"][n]]
+            + [""] * (k - len(q["neighbours"][n]))
+            for n in encs
+        ]
+        lines += _md_table(["encoder", *map(str, range(1, k + 1))], rows) + [""]
+    return lines
+
+
+def examples_html(ex: dict[str, Any], thumbs: dict[str, bytes]) -> str:
+    """The retrieval examples as HTML: query, then each encoder's neighbours side by side,
+    green border = same class as the query, red = another class."""
+    e = html.escape
+    if ex.get("status") != "complete":
+        why = ex.get("note") or ex.get("error") or "not available"
+        return f"<div class='full'><p class='na'>Retrieval examples: not available — {e(why)}.</p></div>"
+
+    def card(key: str, cls: str, css: str, extra: str = "") -> str:
+        data = thumbs.get(key)
+        img = (
+            f"<img alt='{e(key)}' src='data:image/jpeg;base64,{base64.b64encode(data).decode()}'>"
+            if data
+            else "<div class='noimg'>no image</div>"
+        )
+        return f"<div class='ex {css}' title='{e(key)} ({e(cls)})'>{img}<span>{e(key)}{extra}</span></div>"
+
+    encs = ex["encoders"]
+    head = "".join(
+        f"<th>{e(n)} top-{ex['k']} ({100 * ex['accuracy'][n]:.0f}% right)</th>" for n in encs
+    )
+    rows = []
+    for q in ex["queries"]:
+        cls_line = "<br>class " + e(q["class"])
+        cells = [f"<td>{card(q['key'], q['class'], 'q', cls_line)}</td>"]
+        for n in encs:
+            hits = "".join(
+                card(h["key"], h["class"], "right" if h["correct"] else "wrong")
+                for h in q["neighbours"][n]
+            )
+            cells.append(f"<td><div class='exrow'>{hits}</div></td>")
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    note = (
+        f"<p class='na'>Thumbnails: {e(ex['thumbnails_note'])}.</p>"
+        if ex.get("thumbnails_note")
+        else ""
+    )
+    return (
+        "<div class='full'><h3 id='retrieval-examples'>Retrieval examples</h3>"
+        f"<p>{len(ex['queries'])} held-out queries (seed {ex['seed']}); each encoder's top-{ex['k']} "
+        "neighbours by cosine, the query excluded. <span class='okc'>Green</span>: same class as "
+        "the query; <span class='badc'>red</span>: another class.</p>"
+        f"{note}<table class='extable'><thead><tr><th>query</th>{head}</tr></thead>"
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
 
 
 CSS = """
@@ -351,10 +432,18 @@ figure{margin:8px 0 14px;background:#fff;border:1px solid #d8dce3;padding:8px;di
 figure img{max-width:100%;display:block}figcaption{color:#5a6375;font-size:0.88em;margin-top:4px}
 .na{color:#7a8192;font-style:italic}
 .row{display:flex;flex-wrap:wrap;gap:0 22px;align-items:flex-start}.full{flex-basis:100%}
+.extable td{vertical-align:top;padding:6px}.exrow{display:flex;gap:5px}
+.ex{display:inline-block;width:76px;font-size:0.72em;text-align:center;word-break:break-all;border:3px solid #fff}
+.ex img{width:70px;height:70px;object-fit:cover;display:block;margin:0 auto}
+.noimg{width:70px;height:70px;background:#eef1f5;color:#7a8192;line-height:70px}
+.ex.right{border-color:#2e9e4f}.ex.wrong{border-color:#d0342c}.ex.q{border-color:#3a6ee8}
+.okc{color:#2e9e4f;font-weight:600}.badc{color:#d0342c;font-weight:600}
 """
 
 
-def render_html(report: dict[str, Any], plot_dir: Path) -> str:
+def render_html(
+    report: dict[str, Any], plot_dir: Path, thumbs: dict[str, bytes] | None = None
+) -> str:
     e = html.escape
     out = [
         "<!DOCTYPE html>",
@@ -449,6 +538,8 @@ def render_html(report: dict[str, Any], plot_dir: Path) -> str:
                 out.append(
                     f"<p class='na'>{e(PLOT_TITLES[p])}: not available — {e(plot.get('missing', 'no data'))}.</p>"
                 )
+        if stage == "eval" and report.get("retrieval_examples"):
+            out.append(examples_html(report["retrieval_examples"], thumbs or {}))
         out.append("</div>")
     out.append("</main></body></html>")
     return "\n".join(out) + "\n"
@@ -471,7 +562,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
     report["plots"] = write_plots(rd, run)
     write_json_atomic(rd.root / "report.json", report)
     write_text_atomic(rd.root / "report.md", render_md(report))
-    write_text_atomic(rd.root / "report.html", render_html(report, rd.plots))
+    write_text_atomic(rd.root / "report.html", render_html(report, rd.plots, run.thumbs))
     msg = (
         "all stages complete"
         if not report["missing"]

@@ -26,12 +26,13 @@ PLOT_TITLES = {
     "kmeans_objective": "k-means objective per iteration",
     "cluster_sizes": "Cluster-size distribution",
     "train_loss_lr": "Training loss and learning rate",
+    "train_eval": "Held-out Recall@1 / mAP@R during training",
     "eval_recall": "Recall@K per encoder",
     "eval_dims": "Metric against feature dimension",
 }
 STAGE_PLOTS = {
     "cluster": ["kmeans_objective", "cluster_sizes"],
-    "train": ["train_loss_lr"],
+    "train": ["train_loss_lr", "train_eval"],
     "eval": ["eval_recall", "eval_dims"],
 }
 PLOT_STAGE = {p: stage for stage, plots in STAGE_PLOTS.items() for p in plots}
@@ -111,6 +112,37 @@ def plot_train(records: list[dict[str, Any]], path: Path) -> str | None:
     return None
 
 
+def plot_train_eval(records: list[dict[str, Any]], path: Path) -> str | None:
+    """Recall@1 and mAP@R on the held-out set against the step, one line per encoder, from the
+    ``"kind": "eval"`` lines of ``RUN/train/metrics.jsonl``."""
+    series: dict[str, list[tuple[float, Any, Any]]] = {}
+    for r in records:
+        series.setdefault(str(r.get("encoder") or "student"), []).append(
+            (r["step"], r.get("recall@1"), r.get("map@r"))
+        )
+    if not series:
+        return "no held-out eval lines in RUN/train/metrics.jsonl (no eval during training)"
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.4), layout="constrained")
+    from matplotlib.ticker import MaxNLocator
+
+    for col, (ax, label) in enumerate(zip(axes, ("Recall@1 (%)", "mAP@R (%)"))):
+        for name, pts in series.items():
+            pts = sorted(pts, key=lambda p: p[0])
+            ys = [
+                100 * v if isinstance(v, (int, float)) and math.isfinite(v) else np.nan
+                for v in (p[1 + col] for p in pts)
+            ]
+            ax.plot([p[0] for p in pts], ys, marker="o", label=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("held-out retrieval during training")
+    save_fig(fig, path)
+    return None
+
+
 def plot_recall(ev: dict[str, Any], path: Path) -> str | None:
     encs = {n: r for n, r in (ev.get("encoders") or {}).items() if recall_ks(r["full"])}
     if not encs:
@@ -182,6 +214,7 @@ def write_plots(rd: RunDir, run: RunData) -> dict[str, dict[str, str]]:
         "kmeans_objective": lambda p: plot_kmeans_objective(cluster, p),
         "cluster_sizes": lambda p: plot_cluster_sizes(run.sizes, run.sizes_source, cluster, p),
         "train_loss_lr": lambda p: plot_train(run.train_records, p),
+        "train_eval": lambda p: plot_train_eval(run.train_eval_records, p),
         "eval_recall": lambda p: plot_recall(ev, p),
         "eval_dims": lambda p: plot_dims(ev, p),
     }

@@ -16,8 +16,12 @@ cluster     ``RUN/cluster/_SUCCESS.json`` (= stats.json); when absent, ``stats.j
 assign      ``RUN/labels/_SUCCESS.json``, the ``cls`` column of ``RUN/labels/*.parquet`` for
             the full cluster-size distribution (up to ``MAX_LABEL_ROWS`` rows), else the
             size percentiles of the cluster stats; ``RUN/labels/_done/*.json`` when partial
-train       ``RUN/train/_SUCCESS.json``, ``RUN/train/metrics.jsonl``, ``RUN/train/ckpt/``
-eval        ``RUN/eval/metrics.json`` (``_SUCCESS.json`` marks it complete)
+train       ``RUN/train/_SUCCESS.json``, ``RUN/train/metrics.jsonl`` (training lines; lines
+            with ``"kind": "eval"`` are held-out metrics during training, kept apart),
+            ``RUN/train/ckpt/``
+eval        ``RUN/eval/metrics.json`` (``_SUCCESS.json`` marks it complete); for the
+            retrieval examples ``RUN/eval/features/<encoder>.npz`` and the eval shards that
+            ``metrics.json`` lists (thumbnails; reading stops once every shown image is found)
 ==========  ==========================================================================
 
 Section ``status`` is complete | partial | missing | unreadable | skipped — the last for
@@ -27,9 +31,11 @@ embed/cluster/assign under bring-your-own labels.
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -252,11 +258,16 @@ def read_assign(rd: RunDir, cluster: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_train(rd: RunDir) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def read_train(
+    rd: RunDir,
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The train section, the training records of ``metrics.jsonl`` and its held-out eval
+    records (lines with ``"kind": "eval"``, written by eval during training), kept apart so
+    that the loss curves and their summary see training lines only."""
     s, err = _read_json(rd.train / "_SUCCESS.json")
     if err:
-        return _section("unreadable", error=err), []
-    records, bad = [], 0
+        return _section("unreadable", error=err), [], []
+    records, evals, bad = [], [], 0
     mpath = rd.train / "metrics.jsonl"
     if mpath.is_file():
         for line in mpath.read_text(errors="replace").splitlines():
@@ -267,12 +278,20 @@ def read_train(rd: RunDir) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             except json.JSONDecodeError:
                 bad += 1  # a torn last line of a killed run
                 continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+                continue
+            if "kind" not in rec:  # a training line
                 records.append(rec)
+            elif rec["kind"] == "eval":  # other kinds: not ours to plot
+                evals.append(rec)
     ckpts = sorted(p.name for p in rd.ckpt.glob("step-*")) if rd.ckpt.is_dir() else []
     curve = _curve_summary(records)
     if bad:
         curve["unreadable_lines"] = bad
+    if evals:
+        curve["eval_records"] = len(evals)
+        last = evals[-1]
+        curve["eval_last"] = _pick(last, "step", "encoder", "recall@1", "map@r")
     if s is not None:
         return (
             _section(
@@ -295,9 +314,14 @@ def read_train(rd: RunDir) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                 metrics=curve,
             ),
             records,
+            evals,
         )
     if not records and not ckpts:
-        return _section("missing", note="no RUN/train/_SUCCESS.json, no metrics, no checkpoint"), []
+        return (
+            _section("missing", note="no RUN/train/_SUCCESS.json, no metrics, no checkpoint"),
+            [],
+            [],
+        )
     last = int(records[-1]["step"]) if records else None
     return (
         _section(
@@ -311,6 +335,7 @@ def read_train(rd: RunDir) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             metrics=curve,
         ),
         records,
+        evals,
     )
 
 
@@ -388,7 +413,9 @@ def read_eval(rd: RunDir) -> dict[str, Any]:
     return _section(
         status,
         eval_set=_pick(m.get("eval_set") or {}, "n", "classes", "class_field", "read"),
-        settings=_pick(m.get("settings") or {}, "recall_ks", "knn_k", "compact_dims", "device"),
+        settings=_pick(
+            m.get("settings") or {}, "recall_ks", "knn_k", "compact_dims", "device", "protocol"
+        ),
         encoders=encoders,
         comparison=m.get("comparison"),
         wall_s=m.get("wall_s"),
@@ -446,12 +473,16 @@ class RunData:
     """Points per cluster from the label sidecars (:func:`cluster_sizes`), or None."""
     sizes_source: str
     """Where the cluster sizes come from, as the size plot names it."""
+    train_eval_records: list[dict[str, Any]] = field(default_factory=list)
+    """The ``"kind": "eval"`` lines of ``RUN/train/metrics.jsonl`` (held-out metrics by step)."""
+    thumbs: dict[str, bytes] = field(default_factory=dict)
+    """JPEG thumbnails of the retrieval examples' images, by eval key."""
 
 
 def read_run(rd: RunDir) -> RunData:
     """Read every stage's files under ``rd`` into a :class:`RunData`."""
     cluster = read_cluster(rd)
-    train, records = read_train(rd)
+    train, records, evals = read_train(rd)
     stages = {
         "embed": read_embed(rd),
         "cluster": cluster,
@@ -486,4 +517,172 @@ def read_run(rd: RunDir) -> RunData:
     sizes, source = cluster_sizes(rd, k, byo_labels)
     if sizes is None:
         source = f"size percentiles from the cluster stats ({source})"
-    return RunData(report, records, sizes, source)
+    examples, thumbs = read_retrieval_examples(rd, stages["eval"])
+    report["retrieval_examples"] = examples
+    return RunData(report, records, sizes, source, evals, thumbs)
+
+
+# --------------------------------------------------------------------------------------
+# retrieval examples: a few held-out queries and their neighbours, per encoder
+# --------------------------------------------------------------------------------------
+
+EXAMPLE_QUERIES = 4
+"""How many held-out queries the report shows (drawn with ``EXAMPLE_SEED``)."""
+EXAMPLE_K = 5
+"""Neighbours shown per query and encoder."""
+EXAMPLE_SEED = 0
+EXAMPLE_ENCODERS = 3
+"""At most this many encoders side by side (teacher and student first)."""
+THUMB_PX = 96
+
+
+def _slug(name: str) -> str:
+    """The file stem the eval stage gives an encoder's features (pipelines/eval.py)."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "encoder"
+
+
+def _load_npz(path: Path) -> dict[str, Any]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def retrieval_examples(
+    feats: dict[str, dict[str, Any]],
+    protocol: str | None = None,
+    n_queries: int = EXAMPLE_QUERIES,
+    k: int = EXAMPLE_K,
+    seed: int = EXAMPLE_SEED,
+) -> list[dict[str, Any]]:
+    """Seeded held-out queries and each encoder's top-``k`` neighbours by cosine.
+
+    ``feats`` maps encoder → the arrays of its ``RUN/eval/features/<encoder>.npz`` (same keys in
+    the same order for all). Queries are drawn among samples whose class has another member in
+    the gallery (so a right answer exists); the query itself is never its own neighbour. Under
+    ``query_gallery`` queries come from the ``query`` split and neighbours from ``gallery``."""
+    first = next(iter(feats.values()))
+    classes = first["classes"].astype(str)
+    n = len(classes)
+    splits = first.get("splits")
+    if protocol == "query_gallery" and splits is not None:
+        q_pool = np.flatnonzero(splits.astype(str) == "query")
+        gallery = np.flatnonzero(splits.astype(str) == "gallery")
+    else:
+        q_pool = gallery = np.arange(n)
+    g_classes, g_counts = np.unique(classes[gallery], return_counts=True)
+    count = dict(zip(g_classes.tolist(), g_counts.tolist()))
+    own = 0 if protocol == "query_gallery" else 1  # the query is in its own gallery
+    ok = [i for i in q_pool if count.get(classes[i], 0) > own]
+    if not ok:
+        return []
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(ok, min(n_queries, len(ok)), replace=False).tolist())
+    keys = first["keys"].astype(str)
+    out = []
+    for q in picked:
+        entry: dict[str, Any] = {"key": keys[q], "class": classes[q], "neighbours": {}}
+        for name, z in feats.items():
+            x = z["x"].astype(np.float32, copy=False)
+            scores = x[gallery] @ x[q]
+            scores[gallery == q] = -np.inf
+            order = np.argsort(-scores, kind="stable")[: min(k, len(gallery) - own)]
+            entry["neighbours"][name] = [
+                {
+                    "key": keys[gallery[j]],
+                    "class": classes[gallery[j]],
+                    "score": float(scores[j]),
+                    "correct": bool(classes[gallery[j]] == classes[q]),
+                }
+                for j in order
+            ]
+        out.append(entry)
+    return out
+
+
+def _thumb(data: bytes) -> bytes | None:
+    from megaclass.data.reader import DEFAULT_MAX_PIXELS, ImageRejected, decode_image
+    from PIL import Image
+
+    try:
+        img = decode_image(data, DEFAULT_MAX_PIXELS)
+    except ImageRejected:
+        return None
+    img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def example_thumbs(shards: list[str], wanted: set[str]) -> tuple[dict[str, bytes], str | None]:
+    """Thumbnails of the ``wanted`` keys read from the eval shards (stops once all are found;
+    the first sample of a key wins, as in the eval stage's reading order)."""
+    from megaclass.data.reader import iter_samples
+    from megaclass.data.stats import SampleStats
+
+    found: dict[str, bytes] = {}
+    stats = SampleStats()
+    for url in shards:
+        for s in iter_samples(url, stats, decode=False):
+            if s.key in wanted and s.key not in found:
+                t = _thumb(s.image_bytes)
+                if t is not None:
+                    found[s.key] = t
+        if len(found) == len(wanted):
+            break
+    missing = len(wanted) - len(found)
+    return found, (f"{missing} image(s) not found in the eval shards" if missing else None)
+
+
+def read_retrieval_examples(
+    rd: RunDir, ev: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The report's retrieval examples from ``RUN/eval/features/*.npz``, with thumbnails from
+    the eval shards named in ``RUN/eval/metrics.json``; never raises (a section says why not)."""
+    if ev.get("status") not in ("complete", "partial") or not ev.get("encoders"):
+        return _section("missing", note=f"the eval stage is {ev.get('status')}"), {}
+    names = sorted(
+        ev["encoders"],
+        key=lambda n: (n != "teacher", n != "student", list(ev["encoders"]).index(n)),
+    )
+    paths = {n: rd.eval / "features" / f"{_slug(n)}.npz" for n in names}
+    names = [n for n in names if paths[n].is_file()][:EXAMPLE_ENCODERS]
+    if not names:
+        return _section("missing", note="no features in RUN/eval/features"), {}
+    try:
+        feats = {n: _load_npz(paths[n]) for n in names}
+        ref = feats[names[0]]
+        for n in names[1:]:
+            if feats[n]["keys"].tolist() != ref["keys"].tolist():
+                return _section(
+                    "unreadable", error=f"{paths[n]}: other keys than {paths[names[0]]}"
+                ), {}
+        protocol = (ev.get("settings") or {}).get("protocol")
+        queries = retrieval_examples(feats, protocol)
+    except Exception as e:  # a broken features file must not cost the report
+        return _section("unreadable", error=f"RUN/eval/features: {type(e).__name__}: {e}"), {}
+    if not queries:
+        return _section("missing", note="no class with two or more held-out images"), {}
+    wanted = {q["key"] for q in queries} | {
+        h["key"] for q in queries for hits in q["neighbours"].values() for h in hits
+    }
+    m, _ = _read_json(rd.eval / "metrics.json")
+    shards = ((m or {}).get("eval_set") or {}).get("shards") or []
+    try:
+        thumbs, why = example_thumbs(list(shards), wanted)
+    except Exception as e:  # unreachable remote shards: the keys still tell the story
+        thumbs, why = {}, f"eval shards unreadable ({type(e).__name__}: {e})"
+    if not shards:
+        why = "no eval shards listed in RUN/eval/metrics.json"
+    sec = _section(
+        "complete",
+        encoders=names,
+        k=EXAMPLE_K,
+        seed=EXAMPLE_SEED,
+        queries=queries,
+        accuracy={
+            n: float(np.mean([h["correct"] for q in queries for h in q["neighbours"][n]]))
+            for n in names
+        },
+    )
+    if why:
+        sec["thumbnails_note"] = why
+    return sec, thumbs

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from megaclass.core.atomic import write_json_atomic
+from megaclass.core.rundir import RunDir
 from megaclass.pipelines.config import RunConfig, dump_config
 from megaclass.pipelines.report import build_report
 from megaclass.pipelines.retrieval import evaluate_features
@@ -122,10 +123,14 @@ def _assign(run: Path, sha: str = "ab" * 32) -> np.ndarray:
     return np.bincount(cls, minlength=K)
 
 
-def _train(run: Path, complete: bool, steps: int = 30) -> None:
+def _train(run: Path, complete: bool, steps: int = 30, eval_lines: bool = False) -> None:
     (run / "train").mkdir(parents=True, exist_ok=True)
     lines = []
     for s in range(5, steps + 1, 5):
+        if eval_lines and s % 10 == 0:  # eval during training, between the training lines
+            r1, mapr = 0.3 + s / 100, 0.1 + s / 200
+            lines.append(json.dumps({"step": s, "kind": "eval", "encoder": "student",
+                                     "recall@1": r1, "map@r": mapr, "seconds": 0.5}))  # fmt: skip
         lines.append(
             json.dumps(
                 {  # the record of training/trainer.py _Window.record
@@ -162,18 +167,42 @@ def _train(run: Path, complete: bool, steps: int = 30) -> None:
         )
 
 
+EVAL_COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 40), (10, 10, 10),
+                (140, 20, 160)]  # fmt: skip
+
+
 def _eval(run: Path) -> dict:
+    """metrics.json from the real evaluator, the features it was computed from, and the eval
+    shards holding those keys (one colour per class) for the retrieval examples' thumbnails."""
+    from megaclass.data.writer import ShardWriter
+
     rng = np.random.default_rng(1)
     y = rng.integers(0, 6, 60).tolist()
     centers = rng.normal(size=(6, 32))
+    keys = [f"e{i:03d}" for i in range(60)]
+    (run / "eval" / "features").mkdir(parents=True, exist_ok=True)
+    with ShardWriter(run / "evalshards", prefix="eval-", maxcount=40) as w:
+        for key, c in zip(keys, y):
+            img = Image.new("RGB", (48, 40), EVAL_COLOURS[c])
+            w.write(key, img, f"class {c}", {"class": str(c)})
     encoders = {}
     for name, noise, dim in (("teacher", 2.0, 32), ("student", 1.0, 16)):
         x = centers[y][:, :dim] + noise * rng.normal(size=(60, dim))
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        np.savez(run / "eval" / "features" / f"{name}.npz", x=x.astype(np.float32),
+                 keys=np.asarray(keys), classes=np.asarray([str(c) for c in y]),
+                 splits=np.asarray([""] * 60))  # fmt: skip
         res = evaluate_features(x, y, (1, 2, 4, 8), 5, [4, 8, 64], skip_oversized=True)
         encoders[name] = {"kind": name, "spec": name, "dim": dim, "images_per_s": 50.0, **res}
     summary = {
         "stage": "eval",
-        "eval_set": {"n": 60, "classes": 6, "class_field": "class", "read": {"skipped": {}}},
+        "eval_set": {
+            "n": 60,
+            "classes": 6,
+            "class_field": "class",
+            "read": {"skipped": {}},
+            "shards": w.shards,
+        },  # fmt: skip
         "settings": {"recall_ks": [1, 2, 4, 8], "knn_k": 5, "compact_dims": [4, 8, 64]},
         "encoders": encoders,
         "comparison": {
@@ -242,11 +271,15 @@ def test_report_complete_run(tmp_path):
         "kmeans_objective",
         "cluster_sizes",
         "train_loss_lr",
+        "train_eval",
         "eval_recall",
         "eval_dims",
     }
+    assert "no held-out eval lines" in rep["plots"]["train_eval"]["missing"]
     html_text = (run / "report.html").read_text()
     for name, p in rep["plots"].items():
+        if name == "train_eval":
+            continue
         assert "file" in p, (name, p)
         assert _png_ok(run / p["file"]), name
     assert html_text.count("data:image/png;base64,") == 5
@@ -256,6 +289,73 @@ def test_report_complete_run(tmp_path):
     r1 = 100 * ev["teacher"]["full"]["recall@1"]
     assert f"| teacher | 32 | {r1:.1f} |" in md
     assert json.loads((run / "report.json").read_text())["missing"] == []
+
+
+def test_report_retrieval_examples_and_eval_during_training(tmp_path):
+    """Retrieval examples: seeded held-out queries whose neighbours are the brute-force top-5
+    of each encoder's eval features, right/wrong marked; eval lines of metrics.jsonl are kept
+    out of the loss curves and drawn as their own plot."""
+    run = make_run(tmp_path / "run", ALL - {"train"})
+    _train(run, complete=True, eval_lines=True)
+    rep = build_report(run)
+    ex = rep["retrieval_examples"]
+    assert ex["status"] == "complete" and ex["encoders"] == ["teacher", "student"]
+    assert len(ex["queries"]) == 4 and "thumbnails_note" not in ex
+    from megaclass.pipelines.report import examples_md
+    from megaclass.pipelines.report_read import read_eval, read_retrieval_examples, read_train
+
+    rd = RunDir(run)
+    again, _ = read_retrieval_examples(rd, read_eval(rd))
+    assert again == ex  # a fixed choice
+    marks = {"teacher": [], "student": []}
+    for name in ex["encoders"]:
+        z = np.load(run / "eval" / "features" / f"{name}.npz")
+        keys, cls = z["keys"].tolist(), z["classes"].tolist()
+        for q in ex["queries"]:
+            i = keys.index(q["key"])
+            sims = z["x"].astype(np.float64) @ z["x"][i].astype(np.float64)
+            sims[i] = -np.inf
+            ref = [keys[j] for j in np.argsort(-sims, kind="stable")[:5]]
+            hits = q["neighbours"][name]
+            assert [h["key"] for h in hits] == ref
+            assert [h["correct"] for h in hits] == [cls[keys.index(k)] == q["class"] for k in ref]
+            marks[name] += [h["correct"] for h in hits]
+    # the less noisy student finds more of the right class, and both are far above chance
+    assert ex["accuracy"]["student"] == pytest.approx(np.mean(marks["student"]))
+    assert np.mean(marks["student"]) >= np.mean(marks["teacher"]) > 1 / 6
+    md = (run / "report.md").read_text()
+    n_right = sum(sum(v) for v in marks.values())
+    assert md.count(" ✓ |") == n_right and md.count(" ✗ |") == 40 - n_right
+    assert "### Retrieval examples" in md and f"Query **{ex['queries'][0]['key']}**" in md
+    page = (run / "report.html").read_text()
+    assert (
+        page.count("class='ex right'") == n_right and page.count("class='ex wrong'") == 40 - n_right
+    )
+    assert page.count("data:image/jpeg;base64,") == 4 + 40  # queries + neighbours, all found
+
+    # eval-during-training lines: not in the training curve, a plot of their own
+    sec, records, evals = read_train(rd)
+    assert len(records) == 6 and all("kind" not in r for r in records)
+    assert [e["step"] for e in evals] == [10, 20, 30]
+    assert sec["metrics"]["records"] == 6 and sec["metrics"]["eval_records"] == 3
+    assert sec["metrics"]["loss_min"] == pytest.approx(9.0 / 4)
+    assert sec["metrics"]["eval_last"]["recall@1"] == pytest.approx(0.6)
+    assert _png_ok(run / rep["plots"]["train_eval"]["file"])
+
+    # without the shards the keys still tell the story; no features: the section says why
+    shutil.rmtree(run / "evalshards")
+    ex, thumbs = read_retrieval_examples(rd, read_eval(rd))
+    shown = {q["key"] for q in ex["queries"]}
+    shown |= {h["key"] for q in ex["queries"] for hs in q["neighbours"].values() for h in hs}
+    assert ex["status"] == "complete" and thumbs == {}
+    assert f"{len(shown)} image(s) not found" in ex["thumbnails_note"]
+    from megaclass.pipelines.report import examples_html
+
+    assert examples_html(ex, thumbs).count("<div class='noimg'>no image</div>") == 44
+    shutil.rmtree(run / "eval" / "features")
+    ex, _ = read_retrieval_examples(rd, read_eval(rd))
+    assert ex["status"] == "missing" and "no features" in ex["note"]
+    assert "Retrieval examples: not available — no features" in "\n".join(examples_md(ex))
 
 
 def test_report_cluster_sizes_from_labels(tmp_path):
@@ -394,10 +494,11 @@ def _chromium(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_html_report_renders_in_headless_chromium(tmp_path):
-    run = make_run(tmp_path / "run", ALL)
+    run = make_run(tmp_path / "run", ALL - {"train"})
+    _train(run, complete=True, eval_lines=True)
     build_report(run)
     page = (run / "report.html").read_text()
-    assert page.count("<img") == 5
+    assert page.count("<img") == 6 + 44  # plots, then the retrieval examples' thumbnails
     probe = run / "probe.html"  # the report itself carries no script: inject one into a copy
     probe.write_text(page.replace("</body>", PROBE + "</body>"))
     res = _chromium(["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], tmp_path)
@@ -409,7 +510,8 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
 
     info = json.loads(_html.unescape(raw))
     assert info["errors"] == []
-    assert len(info["widths"]) == 5 and all(w > 100 for w in info["widths"]), info
+    assert len(info["widths"]) == 50 and all(w > 100 for w in info["widths"][:6]), info
+    assert all(w > 0 for w in info["widths"][6:]), info  # every thumbnail decoded
     assert info["title"].startswith("megaclass report")
     assert any("Eval" in h for h in info["h2"]) and any("Train" in h for h in info["h2"])
 
@@ -464,3 +566,25 @@ def test_report_shows_regroup_mismatches_and_a_skipped_eval(tmp_path):
     assert rep["missing"] == []
     md = (run / "report.md").read_text()
     assert "mismatch: bad_key" in md and "abc" in md and "28 label rows" in md
+
+
+def test_retrieval_examples_follow_the_query_gallery_protocol():
+    from megaclass.pipelines.report_read import retrieval_examples
+
+    rng = np.random.default_rng(3)
+    n = 40
+    cls = np.array([str(i % 5) for i in range(n)])
+    splits = np.array(["query" if i < 15 else "gallery" for i in range(n)])
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    z = {"x": x, "keys": np.array([f"k{i}" for i in range(n)]), "classes": cls, "splits": splits}
+    ex = retrieval_examples({"a": z}, "query_gallery", n_queries=4, k=5)
+    assert len(ex) == 4 and all(int(q["key"][1:]) < 15 for q in ex)
+    for q in ex:
+        i = int(q["key"][1:])
+        sims = x[15:] @ x[i]
+        ref = [f"k{15 + j}" for j in np.argsort(-sims, kind="stable")[:5]]
+        assert [h["key"] for h in q["neighbours"]["a"]] == ref  # the gallery only
+    ex_all = retrieval_examples({"a": z}, "all", n_queries=4, k=5)
+    for q in ex_all:  # every image a query, never its own neighbour
+        assert q["key"] not in [h["key"] for h in q["neighbours"]["a"]]
