@@ -25,6 +25,8 @@ from megaclass.core.config import (
 from megaclass.core.config import config_help as _config_help
 from megaclass.core.rundir import RunDir
 from megaclass.data.config import DataConfig
+from megaclass.pipelines.probes import CLASSIFICATION, PROBES
+from megaclass.pipelines.retrieval import PROTOCOLS
 from megaclass.training.config import TrainConfig, margin_option_errors
 from megaclass.training.tracking import wandb_option_errors
 
@@ -102,18 +104,35 @@ class EmbedConfig:
 
 @dataclass
 class EvalConfig:
-    """Retrieval evaluation on held-out classes (the eval stage)."""
+    """Retrieval evaluation on held-out classes, or classification probes (the eval stage)."""
 
-    CHOICES = {"protocol": ("all", "query_gallery")}  # = pipelines.retrieval.PROTOCOLS
+    CHOICES = {"protocol": (*PROTOCOLS, CLASSIFICATION)}  # owners: retrieval.py and probes.py
 
     encoders: list[str] = field(default_factory=lambda: ["teacher", "student"])
     """Encoders to evaluate: 'teacher', 'student' (export, else newest complete checkpoint),
-    'open_clip:<model>[@<pretrained tag or file>]', or a path to an exported encoder / run
-    directory; prefix 'label=' to name a column (e.g. 'base=/runs/a/export')."""
+    'open_clip:<model>[@<pretrained tag or file>]', 'hf:<save_pretrained folder>' (MLCD, CLIP,
+    SigLIP vision towers, offline), '<run dir>@step=<N>' (a checkpoint step), or a path to an
+    exported encoder / checkpoint folder / run directory; prefix 'label=' to name a column
+    (e.g. 'base=/runs/a/export'). docs/evaluation.md, "Encoders"."""
     protocol: str = "all"
     """Who searches whom: 'all' (SOP, CUB, Cars) — every image queries all the others;
     'query_gallery' (In-Shop) — images whose json 'split' is 'query' search those whose split is
-    'gallery', other splits take no part (counted in metrics.json)."""
+    'gallery', other splits take no part (counted in metrics.json); 'classification' — the
+    kNN and linear probes of eval.probes: learn on split 'train' (+ 'val'), score 'test' (or
+    'val' when there is no test split), as `megaclass data imagefolder` writes them."""
+    probes: list[str] = field(default_factory=lambda: list(PROBES))
+    """eval.protocol=classification: the probes to run, any of 'knn' (temperature-weighted
+    k-nearest-neighbour vote) and 'linear' (L-BFGS logistic regression on frozen features)."""
+    probe_knn_k: int = 20
+    """kNN probe: neighbours that vote (20 as in DINO / MLCD)."""
+    probe_temperature: float = 0.07
+    """kNN probe: a neighbour's vote weighs exp(cosine / T)."""
+    probe_l2: list[float] = field(default_factory=lambda: [1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6])
+    """Linear probe: L2 strengths λ tried (loss = mean cross-entropy + λ/2·‖W‖²); the one with
+    the best validation accuracy is refitted on train + val."""
+    probe_val_fraction: float = 0.1
+    """Linear probe without a usable 'val' split: this share of 'train', drawn with the run's
+    seed, chooses λ."""
     recall_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     """K values of Recall@K (the papers': SOP 1/10/100/1000, CUB and Cars 1/2/4/8, In-Shop
     1/10/20/30/40/50)."""
@@ -251,10 +270,56 @@ def check_no_dead_options(cfg: RunConfig) -> None:
         for key in ("hnsw_m", "ef_search"):
             if getattr(a, key) != getattr(AssignConfig, key):
                 dead.append(f"assign.{key}: only used by assign.method=hnsw (method={a.method!r})")
+    dead += eval_option_errors(cfg)
     dead += margin_option_errors(cfg.train)
     dead += wandb_option_errors(cfg.train)
     if dead:
         raise ConfigError("; ".join(dead))
+
+
+def eval_option_errors(cfg: RunConfig) -> list[str]:
+    """Bad eval values that a type check cannot see (list members, ranges), and those of
+    eval during training (train.eval_every, train.eval_max_images)."""
+    ec, tc = cfg.eval, cfg.train
+    out = [
+        f"eval.probes: {p!r} is not one of {', '.join(PROBES)}"
+        for p in ec.probes
+        if p not in PROBES
+    ]
+    default = EvalConfig()
+    if ec.protocol != CLASSIFICATION:
+        for key in ("probes", "probe_knn_k", "probe_temperature", "probe_l2", "probe_val_fraction"):
+            if getattr(ec, key) != getattr(default, key):
+                out.append(
+                    f"eval.{key}: only used by eval.protocol=classification "
+                    f"(protocol={ec.protocol!r}); remove it"
+                )
+    else:
+        for key in ("recall_ks", "knn_k", "compact_dims"):
+            if getattr(ec, key) != getattr(default, key):
+                out.append(
+                    f"eval.{key}: a retrieval setting, unused by eval.protocol=classification "
+                    "(see eval.probe_*); remove it"
+                )
+    if ec.protocol == CLASSIFICATION and not ec.probes:
+        out.append("eval.probes: empty, but eval.protocol=classification runs probes; list some")
+    if ec.probe_knn_k < 1:
+        out.append(f"eval.probe_knn_k: must be >= 1, got {ec.probe_knn_k}")
+    if ec.probe_temperature <= 0:
+        out.append(f"eval.probe_temperature: must be > 0, got {ec.probe_temperature}")
+    if not ec.probe_l2 or any(v <= 0 for v in ec.probe_l2):
+        out.append(f"eval.probe_l2: must list values > 0, got {ec.probe_l2}")
+    if not 0.0 < ec.probe_val_fraction < 1.0:
+        out.append(f"eval.probe_val_fraction: must be in (0, 1), got {ec.probe_val_fraction}")
+    if tc.eval_every < 0:
+        out.append(f"train.eval_every: must be >= 0 (0: off), got {tc.eval_every}")
+    if tc.eval_max_images < 2:
+        out.append(f"train.eval_max_images: must be >= 2, got {tc.eval_max_images}")
+    if tc.eval_every > 0 and not cfg.data.eval_shards:
+        out.append("train.eval_every: needs data.eval_shards (the held-out images to evaluate on)")
+    if tc.eval_every == 0 and tc.eval_max_images != TrainConfig.eval_max_images:
+        out.append("train.eval_max_images: only used with train.eval_every > 0; remove it")
+    return out
 
 
 def config_help() -> str:

@@ -5,7 +5,9 @@ the ground-truth class under ``data.class_field``), embeds every image with each
 ``eval.encoders``, and computes the metrics of :mod:`megaclass.pipelines.retrieval` under
 ``eval.protocol`` on the full features and on the first d dimensions (``eval.compact_dims``):
 ``all`` (SOP, CUB, Cars: every image queries the others) or ``query_gallery`` (In-Shop: the
-samples whose json ``split`` is ``query`` search those whose ``split`` is ``gallery``).
+samples whose json ``split`` is ``query`` search those whose ``split`` is ``gallery``), or,
+with ``eval.protocol=classification``, the kNN and linear probes of
+:mod:`megaclass.pipelines.probes` (learn on split ``train``, score ``test``).
 
 Encoder specs (``eval.encoders`` entries; ``label=spec`` names a column, e.g. ``ours=/x/export``):
 
@@ -13,10 +15,14 @@ Encoder specs (``eval.encoders`` entries; ``label=spec`` names a column, e.g. ``
 * ``student`` — this run's trained encoder: ``RUN/export/encoder.safetensors``, else the newest
   complete checkpoint under ``RUN/train/ckpt`` (so an unfinished run can be evaluated);
 * ``open_clip:<model>`` or ``open_clip:<model>@<pretrained tag or file>`` — an open_clip image
-  tower, e.g. ``open_clip:ViT-B-32@RUN/export/open_clip_model.safetensors``; also
-  ``efficientnet-lite0``;
-* any other string is a path: an exported ``encoder.safetensors``, a folder holding one, or a
-  run directory (see :func:`megaclass.training.export.load_encoder`).
+  tower, e.g. ``open_clip:ViT-B-32@RUN/export/open_clip_model.safetensors`` or a ``.pt`` state
+  dict; also ``efficientnet-lite0``;
+* ``hf:<folder>`` — a Hugging Face vision tower saved with ``save_pretrained`` (MLCD, CLIP,
+  SigLIP; offline; see :mod:`megaclass.pipelines.hf_vision` for the class and feature chosen);
+* ``<path>@step=<N>`` (also ``student@step=<N>``) — the complete checkpoint of step N of a run
+  directory, i.e. ``RUN/train/ckpt/step-000000N`` (which can also be given as a path);
+* any other string is a path: an exported ``encoder.safetensors``, a folder holding one, a
+  checkpoint folder, or a run directory (see :func:`megaclass.training.export.load_encoder`).
 
 Layout: ``RUN/eval/features/<encoder>.npz`` (float32 unit features, keys, classes, splits) with a record
 ``RUN/eval/_done/<encoder>.json`` written last, holding a fingerprint of the encoder's weights and
@@ -50,6 +56,8 @@ from megaclass.data.reader import iter_samples
 from megaclass.data.shards import expand_shards
 from megaclass.data.stats import SampleStats
 from megaclass.pipelines.config import RunConfig, config_to_dict
+from megaclass.pipelines.hf_vision import HF_PREFIX, pick_class, read_hf_config
+from megaclass.pipelines.probes import CLASSIFICATION, run_probes
 from megaclass.pipelines.retrieval import (
     GALLERY,
     QUERY,
@@ -57,7 +65,7 @@ from megaclass.pipelines.retrieval import (
     resolve_device,
     split_query_gallery,
 )
-from megaclass.training.checkpoint import latest_complete
+from megaclass.training.checkpoint import MARKER, latest_complete, list_checkpoints, step_tag
 from megaclass.training.encoders import register_tiny_configs
 from megaclass.training.export import ENCODER_FILE, load_encoder
 from megaclass.training.teachers import EFFICIENTNET_LITE0, OPEN_CLIP_PREFIX, load_teacher
@@ -68,6 +76,8 @@ MISSING_CLASS = "missing_class"
 SPLIT_FIELD = "split"
 """Sample json key read for ``eval.protocol=query_gallery`` (written by ``megaclass data``)."""
 _LABEL_RE = re.compile(r"^([A-Za-z0-9_.+-]+)=(.+)$")
+_TAR_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.][^/]*$")  # WebDataset: key = path to first dot
+_STEP_RE = re.compile(r"^(.+)@step=(\d+)$")
 
 
 class EvalError(UserError, ValueError):
@@ -84,7 +94,7 @@ class EncoderEntry:
     """One entry of ``eval.encoders``, resolved: how to load it and how to recognise it again."""
 
     name: str
-    kind: str  # teacher | student | model | path
+    kind: str  # teacher | student | model | path | hf
     spec: str
     model: str | None = None  # teacher/model: the teacher name for load_teacher
     pretrained: str | None = None
@@ -97,7 +107,11 @@ class EncoderEntry:
         if self.pretrained:
             fp["pretrained"] = self.pretrained
             fp["pretrained_file"] = _file_sig(self.pretrained)
-        if self.path is not None:
+        if self.kind == "hf":
+            from megaclass.pipelines.hf_vision import fingerprint
+
+            fp["hf_files"] = fingerprint(Path(str(self.path)))
+        elif self.path is not None:
             fp["weights"] = _weights_sig(Path(self.path))
         return fp
 
@@ -115,7 +129,10 @@ def _weights_sig(p: Path) -> dict[str, Any] | None:
     for f in [p] if p.is_file() else [p / ENCODER_FILE, p / "export" / ENCODER_FILE]:
         if f.is_file():
             return _file_sig(f)
-    ck = latest_complete(p / "train" / "ckpt") if p.is_dir() else None
+    if not p.is_dir():
+        return None
+    # a checkpoint folder itself, else the newest complete one of a run directory
+    ck = p if (p / MARKER).is_file() else latest_complete(p / "train" / "ckpt")
     if ck is None:
         return None
     files = sorted(q for q in ck.rglob("*") if q.is_file())
@@ -139,6 +156,34 @@ def parse_encoder_spec(entry: str, cfg: RunConfig) -> EncoderEntry:
         )
     if entry == "student":
         return EncoderEntry(name=label or "student", kind="student", spec=entry, path=cfg.run_dir)
+    if entry.startswith(HF_PREFIX):
+        folder = Path(entry[len(HF_PREFIX) :]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise EvalError(
+                f"eval.encoders: {entry!r}: {folder} is not a Hugging Face model folder "
+                "(no config.json; hf: takes a local save_pretrained folder, nothing is downloaded)"
+            )
+        cls_name, _ = pick_class(read_hf_config(folder), folder)  # config errors now, not later
+        return EncoderEntry(
+            name=label or folder.name or entry,
+            kind="hf",
+            spec=entry,
+            model=cls_name,
+            path=str(folder),
+        )
+    m_step = _STEP_RE.match(entry)
+    if m_step:
+        base, step = m_step.group(1), int(m_step.group(2))
+        run = Path(cfg.run_dir if base == "student" else base).expanduser()
+        ck = run / "train" / "ckpt" / step_tag(step)
+        done = [s for s, _ in list_checkpoints(run / "train" / "ckpt")]
+        if step not in done:
+            raise EvalError(
+                f"eval.encoders: {entry!r}: no complete checkpoint {ck} "
+                f"(complete steps there: {done or 'none'})"
+            )
+        default = f"{'student' if base == 'student' else run.name}@{step}"
+        return EncoderEntry(name=label or default, kind="path", spec=entry, path=str(ck))
     if entry.startswith(OPEN_CLIP_PREFIX) or entry == EFFICIENTNET_LITE0:
         model, _, pretrained = entry.partition("@")
         return EncoderEntry(
@@ -151,8 +196,9 @@ def parse_encoder_spec(entry: str, cfg: RunConfig) -> EncoderEntry:
     p = Path(entry).expanduser()
     if not p.exists():
         raise EvalError(
-            f"eval.encoders: {entry!r} is not 'teacher', 'student', 'open_clip:<model>[@<pretrained>]' "
-            "or an existing path to an exported encoder / run directory"
+            f"eval.encoders: {entry!r} is not 'teacher', 'student', 'open_clip:<model>[@<pretrained>]', "
+            "'hf:<folder>', '<run>@step=<N>' or an existing path to an exported encoder / "
+            "checkpoint / run directory"
         )
     name = p.parent.name if p.is_file() else p.name
     return EncoderEntry(name=label or name or entry, kind="path", spec=entry, path=str(p))
@@ -182,6 +228,11 @@ def load_encoder_for_eval(spec: EncoderEntry, device: torch.device) -> LoadedEnc
         return LoadedEncoder(
             spec, teacher.image_transform, teacher.encode_images, teacher.image_dim
         )
+    if spec.kind == "hf":
+        from megaclass.pipelines.hf_vision import load_hf_vision
+
+        transform, encode_hf, dim, _ = load_hf_vision(str(spec.path), device)
+        return LoadedEncoder(spec, transform, encode_hf, dim)
 
     try:
         module, transform = load_encoder(spec.path)
@@ -216,6 +267,23 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "encoder"
 
 
+def count_local_samples(urls: list[str]) -> int | None:
+    """Samples in the shards, from the tar headers alone (no image read): the progress bar's
+    total, hence its ETA. None when a shard is not a local file (pipe:, http…)."""
+    import tarfile
+
+    n = 0
+    for u in urls:
+        if not Path(u).is_file():
+            return None
+        try:
+            with tarfile.open(u, "r:") as tf:
+                n += len({_TAR_KEY_RE.sub(r"\1", m.name) for m in tf if m.isfile()})
+        except (OSError, tarfile.TarError):
+            return None  # the reader will name the broken shard; no total then
+    return n
+
+
 def embed_eval_set(
     urls: list[str],
     encoders: list[LoadedEncoder],
@@ -243,10 +311,15 @@ def embed_eval_set(
             enc.images += len(batch)
         batch.clear()
 
-    bar = tqdm(desc="eval embed", unit="img", dynamic_ncols=True)
+    total = count_local_samples(urls)
+    bar = tqdm(desc="eval embed", total=total, unit="img", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    seen = 0
     try:
         for url in urls:
             for s in iter_samples(url, stats, max_pixels=max_pixels, decode=True):
+                seen += 1
+                bar.update(1)
                 cls = s.meta.get(class_field) if isinstance(s.meta, dict) else None
                 if cls is None or (isinstance(cls, str) and not cls.strip()):
                     stats.kept -= 1
@@ -259,13 +332,23 @@ def embed_eval_set(
                 batch.append(s.image)
                 if len(batch) >= batch_size:
                     flush()
-                    bar.update(batch_size)
+                    bar.set_postfix_str(
+                        f"{len(keys) / max(time.perf_counter() - t0, 1e-9):.1f} img/s",
+                        refresh=False,
+                    )
         if batch:
-            n = len(batch)
             flush()
-            bar.update(n)
     finally:
         bar.close()
+    wall = max(time.perf_counter() - t0, 1e-9)
+    log.info(
+        "eval: read %d samples (%d labelled) in %.1f s: %.1f images/s through %d encoder(s)",
+        seen,
+        len(keys),
+        wall,
+        len(keys) / wall,
+        len(encoders),
+    )
     return keys, classes, splits, stats
 
 
@@ -425,6 +508,30 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     for sp in specs:
         x = feats[sp.name]
         t0 = time.perf_counter()
+        if ec.protocol == CLASSIFICATION:
+            res = run_probes(
+                x,
+                classes,
+                splits,
+                ec.probes,
+                knn_k=ec.probe_knn_k,
+                temperature=ec.probe_temperature,
+                l2_grid=ec.probe_l2,
+                val_fraction=ec.probe_val_fraction,
+                seed=cfg.seed,
+                chunk_size=ec.chunk_size,
+                device=device,
+            )
+            # "full"/"compact" stay (empty) for readers of retrieval results (report, export)
+            results[sp.name] = {
+                **info[sp.name],
+                "dim": int(x.shape[1]),
+                "probes": res,
+                "full": {},
+                "compact": {},
+            }
+            log.info("eval: probes of %s in %.1f s", sp.name, time.perf_counter() - t0)
+            continue
         res = evaluate_features(
             x,
             classes,
@@ -458,7 +565,7 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
         "settings": {**config_to_dict(ec), "device": str(device)},
         "encoders": results,
         "encoder_order": names,
-        "comparison": compare(results),
+        "comparison": None if ec.protocol == CLASSIFICATION else compare(results),
         "wall_s": round(time.perf_counter() - t_start, 3),
     }
     write_json_atomic(out_dir / "metrics.json", summary)
@@ -518,6 +625,8 @@ def format_table(summary: dict[str, Any]) -> str:
         return summary.get("note", "eval skipped")
     if not results:
         return "(no encoders evaluated)"
+    if "probes" in next(iter(results.values())):
+        return format_probe_table(summary)
     first = next(iter(results.values()))["full"]
     rows = metric_rows(first)
     header = ["encoder", "dim"] + [label for label, _ in rows]
@@ -557,6 +666,41 @@ def format_table(summary: dict[str, Any]) -> str:
     title = (
         f"Retrieval on held-out classes: {es.get('n', '?')} images, {es.get('classes', '?')} "
         f"classes ({how})"
+    )
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([title, fmt(header), sep, *[fmt(r) for r in lines]])
+
+
+def format_probe_table(summary: dict[str, Any]) -> str:
+    """Top-1 accuracy (%) of each probe per encoder, with the λ the linear probe chose."""
+    results = summary["encoders"]
+    first = next(iter(results.values()))["probes"]
+    header = ["encoder", "dim"]
+    if "knn" in first:
+        header.append(f"kNN@{first['knn']['k']} top-1")
+    if "linear" in first:
+        header += ["linear top-1", "λ"]
+    lines = []
+    for name, r in results.items():
+        p = r["probes"]
+        row = [name, str(r["dim"])]
+        if "knn" in first:
+            row.append(_pct(p.get("knn", {}).get("top1")))
+        if "linear" in first:
+            lin = p.get("linear", {})
+            row += [_pct(lin.get("top1")), "—" if lin.get("l2") is None else f"{lin['l2']:g}"]
+        lines.append(row)
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        )
+
+    title = (
+        f"Classification probes: learn on {first['n_train']} images ({first['val_split']} "
+        f"chooses λ), score {first['n_test']} images of split '{first['test_split']}', "
+        f"{first['classes']} classes; top-1 in %"
     )
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([title, fmt(header), sep, *[fmt(r) for r in lines]])

@@ -262,9 +262,13 @@ def test_benchmark_configs_load_and_say_how_to_run(name):
 
 
 def test_protocol_choices_match_the_metrics_module():
-    assert EvalConfig.CHOICES["protocol"] == PROTOCOLS
+    from megaclass.pipelines.probes import CLASSIFICATION
+
+    assert EvalConfig.CHOICES["protocol"] == (*PROTOCOLS, CLASSIFICATION)
     assert EvalConfig().protocol == "all"
-    with pytest.raises(ConfigError, match="eval.protocol: 'ring' is not one of all, query_gallery"):
+    with pytest.raises(
+        ConfigError, match="eval.protocol: 'ring' is not one of all, query_gallery, classification"
+    ):
         load_config(None, ["eval.protocol=ring"])
 
 

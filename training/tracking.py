@@ -102,6 +102,33 @@ class MetricsLogger:
             100 * rec["data_wait_share"],
         )
 
+    def log_eval(self, step: int, metrics: dict[str, Any], encoder: str = "student") -> None:
+        """One eval-during-training record: a metrics.jsonl line ``{"step", "kind": "eval",
+        "encoder", <metric>: value…, "seconds"}`` (training lines have no "kind", which is how
+        the report tells them apart) and the scalars ``eval/<metric>`` on TensorBoard/W&B.
+        Empty ``metrics`` (ranks other than 0) log nothing."""
+        if not self.enabled or not metrics:
+            return
+        rec = {"step": int(step), "kind": "eval", "encoder": encoder, **metrics}
+        self._f.write(json.dumps(rec) + "\n")
+        self._f.flush()
+        scalars = {
+            f"eval/{k}": v
+            for k, v in metrics.items()
+            if k != "seconds" and isinstance(v, (int, float)) and v is not None
+        }
+        if self._tb is not None:
+            for tag, v in scalars.items():
+                self._tb.add_scalar(tag, v, int(step))
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=int(step))
+        log.info(
+            "step %d eval %s",
+            step,
+            " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)),
+        )
+
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
