@@ -241,6 +241,16 @@ def eval_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     from megaclass.pipelines.eval import metric_rows
 
     order = _encoder_order(summary)
+    if any(summary["encoders"][n].get("probes") for n in order):  # eval.protocol=classification
+        rows = []
+        for name in order:
+            p = summary["encoders"][name].get("probes") or {}
+            top1 = [(p.get(k) or {}).get("top1") for k in ("knn", "linear")]
+            rows.append(
+                [name, int(summary["encoders"][name]["dim"])]
+                + [None if v is None else round(100 * v, 1) for v in top1]
+            )
+        return ["encoder", "dim", "kNN top-1", "linear top-1"], rows
     metrics = metric_rows(summary["encoders"][order[0]]["full"])
     columns = ["encoder", "dim"] + [label for label, _ in metrics]
 
@@ -262,8 +272,9 @@ def eval_markdown(
 ) -> str:
     """The eval table as Markdown for the model card, with what it measured."""
     es = summary.get("eval_set") or {}
+    what = "Classification probes" if "kNN top-1" in columns else "Retrieval on held-out classes"
     lines = [
-        f"Retrieval on held-out classes ({es.get('n', '?')} images, {es.get('classes', '?')} "
+        f"{what} ({es.get('n', '?')} images, {es.get('classes', '?')} "
         "classes; metrics in %), from `RUN/eval/metrics.json`. It scores the encoder that eval "
         f"read; this folder holds `{exported}` (re-run `megaclass eval` after exporting another "
         "step).",
@@ -284,6 +295,9 @@ def eval_headline(summary: dict[str, Any]) -> dict[str, float]:
         for k, v in (summary["encoders"][name].get("full") or {}).items():
             if isinstance(v, (int, float)):
                 out[f"{name}/{k}"] = float(v)
+        for probe, res in (summary["encoders"][name].get("probes") or {}).items():
+            if isinstance(res, dict) and isinstance(res.get("top1"), (int, float)):
+                out[f"{name}/{probe}_top1"] = float(res["top1"])
     return out
 
 

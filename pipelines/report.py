@@ -202,6 +202,9 @@ def headline(stage: str, sec: dict[str, Any]) -> str:
     if stage == "eval":
         parts = [
             f"{name} R@1 {_pct(r['full'].get('recall@1'))}%"
+            if not r.get("probes")
+            else f"{name} kNN {_pct(r['probes'].get('knn', {}).get('top1'))}%, "
+            f"linear {_pct(r['probes'].get('linear', {}).get('top1'))}%"
             for name, r in (g("encoders") or {}).items()
         ]
         return ", ".join(parts)
@@ -213,6 +216,8 @@ def eval_table(ev: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     encs = ev.get("encoders") or {}
     if not encs:
         return [], []
+    if any(r.get("probes") for r in encs.values()):
+        return probe_table(encs)
     first = next(iter(encs.values()))["full"]
     ks = recall_ks(first)
     knn_k = first.get("knn_k")
@@ -236,6 +241,26 @@ def eval_table(ev: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 for k in keys
             ]
             + [""]
+        )
+    return header, rows
+
+
+def probe_table(encs: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of ``eval.protocol=classification``: kNN and linear-probe top-1 in %."""
+    header = ["encoder", "dim", "kNN top-1", "linear top-1", "λ", "images/s"]
+    rows = []
+    for name, r in encs.items():
+        p = r.get("probes") or {}
+        lin = p.get("linear") or {}
+        rows.append(
+            [
+                name,
+                str(r.get("dim")),
+                _pct((p.get("knn") or {}).get("top1")),
+                _pct(lin.get("top1")),
+                "—" if lin.get("l2") is None else f"{lin['l2']:g}",
+                _fmt(r.get("images_per_s")),
+            ]
         )
     return header, rows
 

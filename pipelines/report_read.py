@@ -410,6 +410,8 @@ def read_eval(rd: RunDir) -> dict[str, Any]:
             "full": r.get("full") or {},
             "compact": r.get("compact") or {},
         }
+        if r.get("probes"):  # eval.protocol=classification: kNN / linear top-1 instead
+            encoders[name]["probes"] = r["probes"]
     return _section(
         status,
         eval_set=_pick(m.get("eval_set") or {}, "n", "classes", "class_field", "read"),

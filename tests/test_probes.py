@@ -153,3 +153,15 @@ def test_classification_protocol_on_imagefolder_shards(tmp_path, capsys):
         load_config(None, [*over, "eval.probes=[knn, svm]"])
     with pytest.raises(ConfigError, match="eval.probe_knn_k: only used by"):
         load_config(None, ["eval.probe_knn_k=5"])
+    # the report and the export's model card show the probes' top-1, not an empty retrieval table
+    from megaclass.core.rundir import RunDir
+    from megaclass.pipelines.export import eval_headline, eval_rows
+    from megaclass.pipelines.report import build_report
+
+    build_report(tmp_path / "run")
+    md = (tmp_path / "run" / "report.md").read_text()
+    knn_pct = f"{100 * p['knn']['top1']:.1f}"
+    assert "kNN top-1" in md and knn_pct in md
+    cols, rows = eval_rows(json.loads((RunDir(tmp_path / "run").eval / "metrics.json").read_text()))
+    assert cols[2:] == ["kNN top-1", "linear top-1"] and rows[0][2] == float(knn_pct)
+    assert eval_headline(m)["teacher/linear_top1"] == p["linear"]["top1"]
