@@ -2,7 +2,9 @@
 
 Same shards, same torchvision v2 transform, same batch size and worker count, same process:
 
-* ``ours``      — megaclass.data.loader.TrainLoader, label sidecars joined by key, sha checked.
+* ``ours``      — megaclass.data.loader.TrainLoader, label sidecars joined by key, sha checked,
+  with its world-size-invariant order (``--virtual-streams`` streams, each with its own
+  shuffle buffer of ``--shuffle-buffer`` samples, the workers' slots placed into each batch).
 * ``open_clip`` — a plain ``wds.DataPipeline`` built stage for stage as open_clip's
   ``get_wds_dataset`` builds its training pipeline (detshuffle → split_by_node/worker →
   tarfile_to_samples → shuffle → select → decode("pilrgb") → rename → map_dict → to_tuple →
@@ -72,6 +74,7 @@ def run_ours(urls, transform, a, labels_dir, sha):
         labels_dir=labels_dir,
         centroid_sha=sha,
         shuffle_buffer=a.shuffle_buffer,
+        virtual_streams=a.virtual_streams,
     )
     return timed(iter(loader), lambda b: len(b["key"]))
 
@@ -123,6 +126,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--shuffle-buffer", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--virtual-streams", type=int, default=64, help="ours: train.virtual_streams")
     a = ap.parse_args()
     torch.set_num_threads(1)
     tmp = tempfile.TemporaryDirectory(prefix="megaclass-bench-")

@@ -1,58 +1,74 @@
-"""Streaming training loader with exact mid-epoch resume: :class:`TrainLoader`.
+"""Streaming training loader, world-size invariant, exactly resumable: :class:`TrainLoader`.
 
 Usage (what the train stage does)::
 
     loader = TrainLoader(
         "/data/{00000..00099}.tar", batch_size=256,
         rank=rank, world_size=world_size, num_workers=4, seed=cfg.seed,
+        virtual_streams=64,                           # the unit of the world-size-free order
         transform=encoder.transform_train,            # PIL RGB image -> tensor
         labels_dir=run.labels_dir, centroid_sha=sha,  # sidecars RUN/labels/<stem>.parquet
         num_labels=None,                              # None: label (B,) = cls; l: (B, l) top-l
     )
-    loader.load_state_dict(ckpt["loader"])            # optional: resume
+    loader.load_state_dict(state)                     # optional: resume (a merged state)
     for batch in loader:                              # one epoch from the current position
         batch["image"], batch["label"], batch["key"], batch["caption"]
         ...
-        ckpt["loader"] = loader.state_dict()          # per rank; after the batch is consumed
+    part = loader.state_dict()                        # this rank's part, after a consumed batch
+    state = TrainLoader.merge_states(all_ranks_parts) # world-size free; saved once
 
-Pipeline per (rank, worker) — everything is a pure function of (seed, epoch, rank, worker):
+**The global sample sequence** is a pure function of (seed, shard list, V = virtual streams),
+never of the number of ranks R or loader workers:
 
-1. **Shard split.** Epoch ``e`` permutes the shard list with ``(seed, e)``; rank ``r`` of
-   ``R`` takes ``perm[r::R]`` and worker ``w`` of ``W`` takes that list's ``[w::W]``.
-   Ranks may get different numbers of samples; a distributed job should use
-   ``resampled=True`` (or ``batches_per_epoch``) so every rank runs the same step count.
-   In resampled mode each worker draws shards with replacement forever, open_clip style,
-   and the epoch is ``batches_per_epoch`` batches per worker (``None``: endless).
-2. **Read + label join.** Samples come from :func:`megaclass.data.reader.iter_samples`
-   (header checked, not decoded). When a shard is opened its sidecar
-   ``labels_dir/<stem>.parquet`` is read; a sidecar with another centroid sha raises
-   :class:`LabelShaMismatchError` (with ``check_labels=True`` also for all shards before the
-   first batch; off by default, so start-up touches no file per shard); a
-   sample without a label row (or a shard without a sidecar) is skipped as
-   ``missing_label``.
-3. **Seeded shuffle buffer** of ``shuffle_buffer`` samples (0/1: stream order).
-4. **Decode + transform** after the buffer, so skipped-over samples are never decoded.
-   A decode failure is skipped as ``undecodable_image``. Random augmentations are seeded
-   per sample from (seed, epoch, rank, worker, draw index), so a resumed run also gets
-   identical tensors (torch's RNG; the caller's RNG is restored in-process).
-5. **Batching** into ``{"image": Tensor (B,C,H,W) | list[PIL], "label": LongTensor (B,) or
-   (B, num_labels) (absent without labels_dir), "key": list[str], "caption": list[str]}``;
-   a worker's last batch may be short unless ``drop_last``.
+1. **Virtual streams.** Epoch ``e`` permutes the shard list with ``(seed, e)`` and deals it to
+   ``V_eff`` streams: stream ``s`` reads ``perm[s::V_eff]``. ``V_eff`` is the largest divisor
+   of V that is at most the number of shards (so no stream is empty; V itself with thousands
+   of shards). In resampled mode each stream instead draws shards with replacement forever
+   from ``(seed, e, s)`` (open_clip style) and ``V_eff = V``.
+2. **Per stream:** read + label join (:func:`megaclass.data.reader.iter_samples`, header
+   checked, not decoded; sidecar ``labels_dir/<stem>.parquet`` read when a shard is opened,
+   another centroid sha raises :class:`LabelShaMismatchError`; a sample without a label row
+   is skipped as ``missing_label``), then a seeded shuffle buffer of ``shuffle_buffer``
+   samples (its own, seeded by ``(seed, e, s)``; a rank holds ``V_eff / R`` of them).
+3. **Round robin.** Global sample ``n`` of the epoch (n = 0, 1, 2, …) is the next sample of
+   stream ``n mod V_eff``. Global batch ``b`` of size G is samples ``[b·G, (b+1)·G)`` in this
+   order — so it depends on the global batch size, not on how it is split.
+4. **Decode + transform** after the buffer, so skipped-over samples are never decoded. A
+   decode failure is skipped as ``undecodable_image`` and the same stream fills the slot with
+   its next sample. Random augmentations are seeded per sample from (seed, epoch, stream,
+   draw index within the stream) — never from rank or worker.
 
-With ``num_workers ≥ 1`` the worker streams run in torch DataLoader processes and the
-loader interleaves their batches round robin (worker 0, 1, …; finished workers drop out).
+**Ranks and workers.** Rank ``r`` of R (R must divide ``V_eff``) owns streams ``r::R`` and
+the global positions ``n ≡ r (mod R)``: its local sample ``i`` is global sample ``r + i·R``
+(stream ``(r + i·R) mod V_eff``). It reads only those streams. Its batches are consecutive
+``batch_size`` local samples, so micro-batch ``t`` of all ranks together is the contiguous
+global range ``[t·B·R, (t+1)·B·R)`` and global key order is ``key[j] = rank (j mod R)'s
+key[j // R]`` (:func:`global_order`). Loader workers of a rank split its streams (stream
+position ``p`` of the rank's list goes to worker ``p mod W``); each worker sends its slots of
+every batch and the main process places them — the batch is the same for any W.
 
-**Resume semantics.** The state lives in the main process: per worker the number of
-samples drawn from its shuffle buffer (``drawn``) and batches produced, whose turn is next,
-the epoch, and the skip statistics. ``load_state_dict`` with the same world size, worker
-count, shard list, seed, batch size and buffer size continues with exactly the sample
-sequence (and tensors) an uninterrupted loader would have produced: workers replay reading
-and shuffling without decoding the first ``drawn`` samples. If any of these differ, the
-loader warns and restarts at the next epoch boundary (the current epoch if nothing of it
-was consumed). Replay cost is proportional to the position within the epoch.
+**Epoch end.** A rank's epoch ends at its first batch that a stream cannot fill (the stream
+ran dry) — with ``drop_last=False`` that batch is still yielded, short, holding the slots
+before the first unfilled one (the same for any worker count) — or after
+``batches_per_epoch`` batches (resampled mode: endless by default). With
+several ranks, the trainer ends everyone's epoch at the first *global* batch that any rank
+cannot fill (one tiny all-reduce per step, then :meth:`TrainLoader.set_epoch`) — so the epoch
+end, too, is a property of the global sequence. Streams hold nearly equal shard counts, so
+the data left unread at an epoch end is about one shard per stream (other shards next epoch).
+
+**Resume.** :meth:`state_dict` is this rank's part: the epoch, the global position (samples
+of the epoch consumed by all ranks together), and per owned stream the number of samples
+drawn from its shuffle buffer — no rank or worker numbers. :meth:`merge_states` joins the
+ranks' parts (stats summed); :meth:`load_state_dict` of a merged state at any R that divides
+``V_eff`` continues with exactly the samples (and tensors) an uninterrupted loader would have
+produced: each stream replays reading and shuffling without decoding its first ``drawn``
+samples, so replay cost is proportional to the position within the epoch. A state of
+another seed, shard list, V, buffer or mode (or of the old per-rank format) warns and
+restarts at the next epoch boundary.
 
 **Stats.** ``loader.stats`` (:class:`SampleStats`) counts every skipped sample by reason
-and shard, for the consumed part of the stream; it is saved in ``state_dict``.
+and shard, for the consumed part of the stream; it is part of the state (on a resume the
+merged counts go to rank 0).
 """
 
 from __future__ import annotations
@@ -77,8 +93,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+DEFAULT_VIRTUAL_STREAMS = 64
 _MASK64 = (1 << 64) - 1
+
+
+class VirtualStreamsError(ValueError):
+    """The world size does not divide the (effective) number of virtual streams."""
 
 
 def _mix(*xs: int) -> int:
@@ -92,6 +113,23 @@ def _mix(*xs: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         h = z ^ (z >> 31)
     return h & ((1 << 63) - 1)
+
+
+def effective_streams(virtual_streams: int, num_shards: int, resampled: bool) -> int:
+    """V_eff: the largest divisor of ``virtual_streams`` that is ≤ ``num_shards`` (every stream
+    gets a shard); ``virtual_streams`` itself in resampled mode. A function of the config and
+    the shard list only, so it is the same at every world size."""
+    if resampled or num_shards >= virtual_streams:
+        return virtual_streams
+    return max(d for d in range(1, num_shards + 1) if virtual_streams % d == 0)
+
+
+def global_order(parts: Sequence[Sequence[Any]]) -> list[Any]:
+    """The global order of one global batch from the ranks' parts (rank order): element ``j`` is
+    rank ``j mod R``'s element ``j // R`` (every part has the same length)."""
+    R = len(parts)
+    n = sum(len(p) for p in parts)
+    return [parts[j % R][j // R] for j in range(n)]
 
 
 class _EventStats(SampleStats):
@@ -112,15 +150,17 @@ class _EventStats(SampleStats):
 
 @dataclass
 class _Item:
-    """What a worker sends: a batch (or None), samples drawn for it, stats delta, end flag."""
+    """What a worker sends per batch: its slots of the batch (or None at the end), samples
+    drawn per stream for them, stats delta, end flag."""
 
     worker: int
-    batch: dict[str, Any] | None
-    drawn: int
+    part: dict[str, Any] | None
+    drawn: dict[int, int]
     seen: int
     kept: int
     events: list
     end: bool = False
+    dry: int | None = None  # the slot at which a stream ran dry (the part holds slots < it)
 
 
 def _identity(x: Any) -> Any:
@@ -198,8 +238,9 @@ class _StreamConfig:
     batch_size: int
     rank: int
     world_size: int
-    workers: int  # effective: max(1, num_workers)
+    workers: int  # effective: max(1, min(num_workers, streams per rank))
     seed: int
+    streams: int  # V_eff
     transform: Callable[[Any], Any] | None
     labels_dir: str | None
     centroid_sha: str | None
@@ -212,14 +253,19 @@ class _StreamConfig:
     max_pixels: int
     seed_transforms: bool
 
+    @property
+    def mine(self) -> list[int]:
+        """This rank's streams, in the order of its local samples."""
+        return list(range(self.rank, self.streams, self.world_size))
+
 
 class _Starvation:
     """Resampled mode draws shards forever; if every sample of every draw is skipped (no label
     sidecars, all samples rejected) the stream would loop silently. Stop with an error after
     ``3 × len(shards)`` (at least 10) consecutive shard draws that gave no usable sample."""
 
-    def __init__(self, c: _StreamConfig, worker: int) -> None:
-        self.c, self.worker = c, worker
+    def __init__(self, c: _StreamConfig, stream: int) -> None:
+        self.c, self.stream = c, stream
         self.limit = max(10, 3 * len(c.shards))
         self.draws_since_sample = 0
 
@@ -227,7 +273,7 @@ class _Starvation:
         for url in urls:
             if self.draws_since_sample >= self.limit:
                 raise RuntimeError(
-                    f"TrainLoader (rank {self.c.rank}, worker {self.worker}): "
+                    f"TrainLoader (virtual stream {self.stream}): "
                     f"{self.draws_since_sample} shard draws in a row gave no usable sample "
                     f"(resampled mode would loop forever): every sample was skipped — check "
                     f"that labels_dir={self.c.labels_dir!r} has a sidecar per shard, and the "
@@ -243,26 +289,40 @@ class _Starvation:
 
 
 class _WorkerStreams(IterableDataset):
-    """The per-(rank, worker) batch streams; iterated inside DataLoader workers or in-process."""
+    """The per-worker part of a rank's batches; iterated inside DataLoader workers or in-process."""
 
-    def __init__(self, cfg: _StreamConfig, epoch: int, drawn: list[int], batches: list[int]):
+    def __init__(
+        self, cfg: _StreamConfig, epoch: int, local: int, drawn: dict[int, int], batches: int
+    ):
         super().__init__()
-        self.cfg, self.epoch, self.drawn, self.batches = cfg, epoch, drawn, batches
+        self.cfg, self.epoch, self.local = cfg, epoch, local
+        self.drawn, self.batches = drawn, batches
 
-    # -- shard assignment ------------------------------------------------------------
-    def worker_shards(self, worker: int) -> Iterator[str]:
+    # -- one virtual stream ---------------------------------------------------------------
+    def stream_shards(self, stream: int) -> Iterator[str]:
         c = self.cfg
         if c.resampled:
-            rng = np.random.default_rng([c.seed, self.epoch, c.rank, worker, 0x5E5A])
+            rng = np.random.default_rng([c.seed, self.epoch, stream, 0x5E5A])
             while True:
                 yield c.shards[int(rng.integers(len(c.shards)))]
         order = np.arange(len(c.shards))
         if c.shuffle_shards:
             order = np.random.default_rng([c.seed, self.epoch, 0x5A4D]).permutation(order)
-        mine = order[c.rank :: c.world_size][worker :: c.workers]
-        yield from (c.shards[i] for i in mine)
+        yield from (c.shards[i] for i in order[stream :: c.streams])
 
-    # -- the stream --------------------------------------------------------------------
+    def samples(self, stream: int, stats: SampleStats) -> Iterator[tuple]:
+        """Stream ``stream``'s undecoded samples after its shuffle buffer."""
+        c = self.cfg
+        labelled = _LabelledStream(c, stats)
+        if c.resampled:  # endless shard draws: an all-skipped stream would spin forever
+            starve = _Starvation(c, stream)
+            raw = starve.samples(labelled(starve.shards(self.stream_shards(stream))))
+        else:
+            raw = labelled(self.stream_shards(stream))
+        rng = np.random.default_rng([c.seed, self.epoch, stream, 0xB0F])
+        return _shuffled(raw, c.shuffle_buffer, rng)
+
+    # -- the worker's part of every batch --------------------------------------------------
     def __iter__(self) -> Iterator[_Item]:
         info = get_worker_info()
         if info is not None:
@@ -274,52 +334,64 @@ class _WorkerStreams(IterableDataset):
 
     def stream(self, worker: int, in_process: bool) -> Iterator[_Item]:
         c = self.cfg
+        mine = c.mine
+        K, W, B = len(mine), c.workers, c.batch_size
         stats = _EventStats()
-        rng = np.random.default_rng([c.seed, self.epoch, c.rank, worker, 0xB0F])
-        labelled = _LabelledStream(c, stats)
-        if c.resampled:  # endless shard draws: an all-skipped stream would spin forever
-            starve = _Starvation(c, worker)
-            samples = starve.samples(labelled(starve.shards(self.worker_shards(worker))))
-        else:
-            samples = labelled(self.worker_shards(worker))
-        draws = _shuffled(samples, c.shuffle_buffer, rng)
-        index = 0
-        for _ in range(self.drawn[worker]):  # fast-forward: no decoding
-            if next(draws, None) is None:
-                break
-            index += 1
-        stats.drain()  # those skips were counted before the state was saved
-        nbatches = self.batches[worker]
-        batch: list[tuple] = []
-        ndrawn = 0
-        limit = c.batches_per_epoch
-        if limit is not None and nbatches >= limit:
-            yield _Item(worker, None, 0, *stats.drain(), end=True)
-            return
-        for key, caption, opened, label, url in draws:
-            i, index = index, index + 1
-            ndrawn += 1
-            try:
-                image = load_rgb(opened)
-            except ImageRejected as e:
-                stats.kept -= 1
-                stats.skip(e.reason, url, key, e.detail)
-                continue
-            if c.transform is not None:
-                image = self._transform(image, worker, i, in_process)
-            batch.append((image, label, key, caption))
-            if len(batch) == c.batch_size:
-                yield _Item(worker, self.collate(batch), ndrawn, *stats.drain())
-                batch, ndrawn = [], 0
-                nbatches += 1
-                if limit is not None and nbatches >= limit:
+        draws: dict[int, Iterator[tuple]] = {}
+        index: dict[int, int] = {}
+        for p in range(worker, K, W):  # this worker's streams; fast-forward without decoding
+            s = mine[p]
+            it = self.samples(s, stats)
+            n = 0
+            for _ in range(self.drawn.get(s, 0)):
+                if next(it, None) is None:
                     break
-        if batch and not c.drop_last:
-            yield _Item(worker, self.collate(batch), ndrawn, *stats.drain())
-            ndrawn = 0
-        yield _Item(worker, None, ndrawn, *stats.drain(), end=True)
+                n += 1
+            draws[p], index[p] = it, n
+        stats.drain()  # those skips were counted before the state was saved
+        limit = c.batches_per_epoch
+        nbatches, local = self.batches, self.local
+        # slot j of a batch starting at local sample i comes from stream position (i + j) mod K
+        while limit is None or nbatches < limit:
+            batch: list[tuple] = []
+            slots: list[int] = []
+            delta: dict[int, int] = {}
+            j = (worker - local) % W if K % W == 0 else 0
+            step = W if K % W == 0 else 1
+            while j < B:
+                p = (local + j) % K
+                if p % W != worker:
+                    j += step
+                    continue
+                s = mine[p]
+                while True:  # the stream fills its slot with its next decodable sample
+                    x = next(draws[p], None)
+                    if x is None:  # the stream ran dry: this rank's epoch ends here
+                        part = self.collate(batch, slots)
+                        yield _Item(worker, part, delta, *stats.drain(), end=True, dry=j)
+                        return
+                    i = index[p]
+                    index[p] = i + 1
+                    delta[s] = delta.get(s, 0) + 1
+                    key, caption, opened, label, url = x
+                    try:
+                        image = load_rgb(opened)
+                    except ImageRejected as e:
+                        stats.kept -= 1
+                        stats.skip(e.reason, url, key, e.detail)
+                        continue
+                    break
+                if c.transform is not None:
+                    image = self._transform(image, s, i, in_process)
+                batch.append((image, label, key, caption))
+                slots.append(j)
+                j += step
+            yield _Item(worker, self.collate(batch, slots), delta, *stats.drain())
+            nbatches += 1
+            local += B
+        yield _Item(worker, None, {}, *stats.drain(), end=True)
 
-    def _transform(self, image: Any, worker: int, index: int, in_process: bool) -> Any:
+    def _transform(self, image: Any, stream: int, index: int, in_process: bool) -> Any:
         c = self.cfg
         assert c.transform is not None
         if not c.seed_transforms:
@@ -327,45 +399,107 @@ class _WorkerStreams(IterableDataset):
         saved = torch.random.get_rng_state() if in_process else None
         # the CPU generator only: torch.manual_seed would also queue lazy CUDA/MPS/XPU seeding
         # calls that capture a Python traceback each time (≈1 ms per sample)
-        torch.default_generator.manual_seed(_mix(c.seed, self.epoch, c.rank, worker, index))
+        torch.default_generator.manual_seed(_mix(c.seed, self.epoch, stream, index))
         try:
             return c.transform(image)
         finally:
             if saved is not None:
                 torch.random.set_rng_state(saved)
 
-    def collate(self, batch: list[tuple]) -> dict[str, Any]:
+    def collate(self, batch: list[tuple], slots: list[int]) -> dict[str, Any]:
+        out: dict[str, Any] = {"slots": slots}
+        if not batch:
+            return out
         images = [b[0] for b in batch]
-        out: dict[str, Any] = {
-            "image": torch.stack(images) if isinstance(images[0], torch.Tensor) else images,
-            "key": [b[2] for b in batch],
-            "caption": [b[3] for b in batch],
-        }
+        out["image"] = torch.stack(images) if isinstance(images[0], torch.Tensor) else images
+        out["key"] = [b[2] for b in batch]
+        out["caption"] = [b[3] for b in batch]
         if self.cfg.labels_dir is not None:
-            out["label"] = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.int64))
+            out["label"] = np.stack([b[1] for b in batch]).astype(np.int64)
         return out
 
 
+def _trim(part: dict[str, Any], cut: int) -> dict[str, Any]:
+    """The samples of a worker's part that sit in slots before ``cut``."""
+    keep = [k for k, j in enumerate(part["slots"]) if j < cut]
+    if len(keep) == len(part["slots"]):
+        return part
+    out: dict[str, Any] = {"slots": [part["slots"][k] for k in keep]}
+    if keep:
+        img = part["image"]
+        out["image"] = img[keep] if isinstance(img, torch.Tensor) else [img[k] for k in keep]
+        out["key"] = [part["key"][k] for k in keep]
+        out["caption"] = [part["caption"][k] for k in keep]
+        if "label" in part:
+            out["label"] = part["label"][keep]
+    return out
+
+
+def _assemble(parts: list[dict[str, Any]], size: int, labelled: bool) -> dict[str, Any]:
+    """One batch from the workers' parts: each part's samples go to its slots."""
+    parts = [p for p in parts if p.get("slots")]
+    if len(parts) == 1:  # one worker (or one with every slot): already in slot order
+        p = parts[0]
+        out = {"image": p["image"], "key": p["key"], "caption": p["caption"]}
+        if labelled:
+            out["label"] = torch.from_numpy(p["label"])
+        return out
+    keys: list[Any] = [None] * size
+    caps: list[Any] = [None] * size
+    first = parts[0]["image"]
+    tensor = isinstance(first, torch.Tensor)
+    images: Any = (
+        torch.empty((size, *first.shape[1:]), dtype=first.dtype) if tensor else [None] * size
+    )
+    labels = np.empty((size, *parts[0]["label"].shape[1:]), np.int64) if labelled else None
+    for p in parts:
+        slots = p["slots"]
+        if tensor:
+            images[torch.as_tensor(slots)] = p["image"]
+        for k, j in enumerate(slots):
+            keys[j], caps[j] = p["key"][k], p["caption"][k]
+            if not tensor:
+                images[j] = p["image"][k]
+        if labels is not None:
+            labels[slots] = p["label"]
+    out = {"image": images, "key": keys, "caption": caps}
+    if labels is not None:
+        out["label"] = torch.from_numpy(labels)
+    return out
+
+
 class TrainLoader:
-    """Streaming, label-joining, exactly resumable training loader (see the module docstring).
+    """Streaming, label-joining, world-size-invariant, exactly resumable training loader (see
+    the module docstring).
 
     Args:
         shards: a shard spec (``expand_shards``) or a list of URLs.
-        batch_size: samples per batch (per rank).
+        batch_size: samples per batch (per rank); the global batch is ``batch_size × world_size``
+            consecutive global samples.
         rank, world_size: this process's data-parallel rank; default from torch.distributed
-            when initialised, else 0 / 1.
-        num_workers: DataLoader worker processes (0 = in the main process).
-        seed: base seed of the shard permutation, shuffle buffer and augmentation RNG.
+            when initialised, else 0 / 1. ``world_size`` must divide the effective number of
+            virtual streams (:class:`VirtualStreamsError` otherwise).
+        num_workers: DataLoader worker processes (0 = in the main process); at most the rank's
+            number of streams are started.
+        seed: base seed of the shard permutation, shuffle buffers and augmentation RNG.
+        virtual_streams: V, the number of virtual streams (the unit the order is made of and
+            the most ranks that can share it; see :func:`effective_streams`). The trainer passes
+            ``train.virtual_streams`` (default :data:`DEFAULT_VIRTUAL_STREAMS`). None: one
+            stream per rank and worker (``world_size × max(1, num_workers)``) — the topology of
+            the loader before virtual streams, for direct single-job use; its order then
+            depends on the world size.
         transform: callable PIL RGB image → tensor (e.g. a torchvision.transforms.v2 pipeline).
         labels_dir: folder of label sidecars; None = no labels (no ``label`` in batches).
         centroid_sha: expected ``centroid_sha256`` of every sidecar (None = not checked).
         num_labels: None → ``label`` is (B,) = cls; l → (B, l) top-l labels (MLCD).
-        shuffle_buffer: samples in the shuffle buffer (0 = stream order).
+        shuffle_buffer: samples in each virtual stream's shuffle buffer (0 = stream order).
         shuffle_shards: permute the shard list every epoch (from seed and epoch).
         resampled: draw shards with replacement (open_clip's resampled mode).
-        batches_per_epoch: end an epoch after this many batches per worker (None = at the end
-            of the data; in resampled mode None means endless).
-        drop_last: drop each worker's short last batch.
+        batches_per_epoch: end an epoch after this many batches per rank (None = when a stream
+            runs dry; in resampled mode None means endless).
+        drop_last: end the epoch at the first batch a stream cannot fill without yielding it
+            (what a distributed job needs: equal batches everywhere). False: that last batch is
+            yielded short, holding the slots before the first one that could not be filled.
         max_pixels: images with more pixels are skipped (``too_many_pixels``).
         check_labels: check every sidecar's sha before the first batch. Off by default: each
             sidecar's sha is checked when its shard is first opened (the same error, raised
@@ -384,6 +518,7 @@ class TrainLoader:
         world_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        virtual_streams: int | None = None,
         transform: Callable[[Any], Any] | None = None,
         labels_dir: str | Path | None = None,
         centroid_sha: str | None = None,
@@ -415,13 +550,27 @@ class TrainLoader:
             raise ValueError(f"TrainLoader: batch_size must be ≥ 1, got {batch_size}")
         if num_labels is not None and num_labels < 1:
             raise ValueError(f"TrainLoader: num_labels must be ≥ 1 or None, got {num_labels}")
-        workers = max(1, num_workers)
-        if not resampled and len(urls) < world_size * workers:
-            warnings.warn(
-                f"TrainLoader: {len(urls)} shards for {world_size} ranks × {workers} workers: "
-                "some workers get no data (use more shards or resampled=True)",
-                stacklevel=2,
+        if virtual_streams is None:
+            virtual_streams = world_size * max(1, num_workers)
+        if virtual_streams < 1:
+            raise VirtualStreamsError(f"virtual_streams must be ≥ 1, got {virtual_streams}")
+        streams = effective_streams(virtual_streams, len(urls), resampled)
+        if streams % world_size:
+            few = (
+                f" ({len(urls)} shards leave {streams} usable)" if streams < virtual_streams else ""
             )
+            raise VirtualStreamsError(
+                f"virtual_streams={virtual_streams}{few} is not divisible by the world size "
+                f"{world_size}: choose a number of ranks that divides {streams} (or another "
+                "virtual_streams, which changes the sample order)"
+            )
+        per_rank = streams // world_size
+        workers = max(1, min(num_workers, per_rank))
+        if num_workers > per_rank:
+            log.info(
+                "TrainLoader: %d workers requested, %d streams per rank: starting %d",
+                num_workers, per_rank, workers,
+            )  # fmt: skip
         self.cfg = _StreamConfig(
             shards=urls,
             batch_size=batch_size,
@@ -429,6 +578,7 @@ class TrainLoader:
             world_size=world_size,
             workers=workers,
             seed=seed,
+            streams=streams,
             transform=transform,
             labels_dir=str(labels_dir) if labels_dir is not None else None,
             centroid_sha=centroid_sha,
@@ -441,7 +591,8 @@ class TrainLoader:
             max_pixels=max_pixels,
             seed_transforms=seed_transforms,
         )
-        self.num_workers = num_workers
+        self.virtual_streams = virtual_streams
+        self.num_workers = workers if num_workers else 0
         self.check_labels = check_labels
         self.dataloader_kwargs = {
             "prefetch_factor": prefetch_factor if num_workers else None,
@@ -456,9 +607,9 @@ class TrainLoader:
     # -- position ------------------------------------------------------------------------
     def _reset_position(self, epoch: int) -> None:
         self._epoch = epoch
-        self._drawn = [0] * self.cfg.workers
-        self._batches = [0] * self.cfg.workers
-        self._next_worker = 0
+        self._drawn = dict.fromkeys(self.cfg.mine, 0)
+        self._local = 0  # this rank's samples consumed in the epoch
+        self._batches = 0
 
     @property
     def epoch(self) -> int:
@@ -472,56 +623,91 @@ class TrainLoader:
     def _fingerprint(self) -> dict[str, Any]:
         c = self.cfg
         return {
-            "world_size": c.world_size,
-            "workers": c.workers,
             "seed": c.seed,
-            "batch_size": c.batch_size,
+            "virtual_streams": c.streams,
             "shuffle_buffer": c.shuffle_buffer,
             "shuffle_shards": c.shuffle_shards,
             "resampled": c.resampled,
-            "batches_per_epoch": c.batches_per_epoch,
-            "drop_last": c.drop_last,
             "num_labels": c.num_labels,
             "shards_sha": hashlib.sha256("\n".join(c.shards).encode()).hexdigest(),
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Position after the last batch handed out, plus stats; plain JSON-able types."""
+        """This rank's part of the position after the last batch handed out, plus stats (plain
+        JSON-able types; no rank or worker numbers). Join the ranks' parts with
+        :meth:`merge_states`; with one rank the part is the whole state."""
+        c = self.cfg
         return {
             "version": STATE_VERSION,
-            "rank": self.cfg.rank,
             "epoch": self._epoch,
-            "drawn": list(self._drawn),
-            "batches": list(self._batches),
-            "next_worker": self._next_worker,
+            "position": self._local * c.world_size,  # global samples consumed in the epoch
+            "streams": {str(s): int(n) for s, n in self._drawn.items()},
             "config": self._fingerprint(),
             "stats": self.stats.as_dict(),
         }
 
+    @staticmethod
+    def merge_states(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """One world-size-free state from every rank's :meth:`state_dict` (taken at the same
+        step): the streams' positions joined, the skip counts summed."""
+        first = parts[0]
+        for p in parts[1:]:
+            for k in ("version", "epoch", "position", "config"):
+                if p[k] != first[k]:
+                    raise ValueError(
+                        f"TrainLoader.merge_states: ranks disagree on {k!r} "
+                        f"({first[k]!r} vs {p[k]!r}): states not taken at the same step"
+                    )
+        stats = SampleStats()
+        streams: dict[str, int] = {}
+        for p in parts:
+            streams.update(p["streams"])
+            stats.merge(SampleStats.from_dict(p["stats"]))
+        return dict(first, streams=dict(sorted(streams.items(), key=lambda kv: int(kv[0]))),
+                    stats=stats.as_dict())  # fmt: skip
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict` (same rank); see the module docstring."""
+        """Resume from a (merged) state at any world size dividing the streams; see the module
+        docstring. A state this loader cannot continue exactly warns and restarts at the next
+        epoch boundary."""
+        c = self.cfg
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"TrainLoader state version {state.get('version')} not supported")
-        saved_cfg, ours = state["config"], self._fingerprint()
-        if saved_cfg.get("world_size") == ours["world_size"] and state["rank"] != self.cfg.rank:
-            raise ValueError(
-                f"TrainLoader state of rank {state['rank']} loaded on rank {self.cfg.rank}"
-            )
-        self.stats = SampleStats.from_dict(state["stats"])
-        changed = sorted(k for k in ours if saved_cfg.get(k) != ours[k])
-        if not changed:
-            self._epoch = int(state["epoch"])
-            self._drawn = [int(x) for x in state["drawn"]]
-            self._batches = [int(x) for x in state["batches"]]
-            self._next_worker = int(state["next_worker"])
+            started = any(state.get("drawn") or []) or any(state.get("batches") or [])
+            self._restart(state, started, f"state version {state.get('version')}")
             return
-        started = any(state["drawn"]) or any(state["batches"])
-        epoch = int(state["epoch"]) + (1 if started else 0)
-        details = ", ".join(f"{k}: {saved_cfg.get(k)!r} → {ours[k]!r}" for k in changed)
+        saved_cfg, ours = state["config"], self._fingerprint()
+        changed = sorted(k for k in ours if saved_cfg.get(k) != ours[k])
+        if changed:
+            details = ", ".join(f"{k}: {saved_cfg.get(k)!r} → {ours[k]!r}" for k in changed)
+            self._restart(state, int(state["position"]) > 0, details)
+            return
+        missing = [s for s in c.mine if str(s) not in state["streams"]]
+        if missing:
+            raise ValueError(
+                f"TrainLoader state lacks virtual streams {missing[:8]} of rank {c.rank}: "
+                "load the merged state (TrainLoader.merge_states), not one rank's part"
+            )
+        position, per = int(state["position"]), c.batch_size * c.world_size
+        if position % per:
+            raise ValueError(
+                f"TrainLoader: saved position {position} is not a whole number of global "
+                f"batches of {per} (batch_size {c.batch_size} × world size {c.world_size}); "
+                "resume with the same global batch size"
+            )
+        self._epoch = int(state["epoch"])
+        self._drawn = {s: int(state["streams"][str(s)]) for s in c.mine}
+        self._local = position // c.world_size
+        self._batches = position // per
+        self.stats = SampleStats.from_dict(state["stats"]) if c.rank == 0 else SampleStats()
+
+    def _restart(self, state: dict[str, Any], started: bool, details: str) -> None:
+        if self.cfg.rank == 0 and "stats" in state:
+            self.stats = SampleStats.from_dict(state["stats"])
+        epoch = int(state.get("epoch", 0)) + (1 if started else 0)
         warnings.warn(
             f"TrainLoader: resuming with a different setup ({details}); an exact mid-epoch "
             f"resume is impossible, restarting at the start of epoch {epoch}",
-            stacklevel=2,
+            stacklevel=3,
         )
         log.warning("loader restarts at epoch %d boundary (%s)", epoch, details)
         self._reset_position(epoch)
@@ -549,7 +735,8 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Batches from the current position to the end of the epoch; then epoch += 1."""
         self._check_sidecars()
-        streams = _WorkerStreams(self.cfg, self._epoch, list(self._drawn), list(self._batches))
+        c = self.cfg
+        streams = _WorkerStreams(c, self._epoch, self._local, dict(self._drawn), self._batches)
         if self.num_workers == 0:
             source: Iterator[_Item] = streams.stream(0, in_process=True)
             dl_iter = None
@@ -567,36 +754,39 @@ class TrainLoader:
             source = dl_iter
         token = object()
         self._active = token  # a newer iteration makes this one stale (see below)
-        W = self.cfg.workers
+        W = c.workers
+        labelled = c.labels_dir is not None
         pending: list[deque[_Item]] = [deque() for _ in range(W)]
-        alive = [True] * W
-        turn = self._next_worker
         try:
-            while any(alive):
-                if not alive[turn]:
-                    turn = (turn + 1) % W
-                    continue
+            while True:
                 if self._active is not token:
                     raise RuntimeError(
                         "TrainLoader: a newer iteration over this loader was started; "
                         "iterate one at a time (the position is shared)"
                     )
-                while not pending[turn]:
-                    item = next(source)
-                    pending[item.worker].append(item)
-                item = pending[turn].popleft()
-                self._drawn[turn] += item.drawn
-                self.stats.seen += item.seen
-                self.stats.kept += item.kept
-                for ev in item.events:
-                    self.stats.skip(*ev)
-                if item.end:
-                    alive[turn] = False
-                turn = (turn + 1) % W
-                if item.batch is not None:
-                    self._batches[item.worker] += 1
-                    self._next_worker = turn
-                    yield item.batch
+                items = []
+                for w in range(W):  # every worker sends one item per batch
+                    while not pending[w]:
+                        item = next(source)
+                        pending[item.worker].append(item)
+                    items.append(pending[w].popleft())
+                for item in items:
+                    self.stats.seen += item.seen
+                    self.stats.kept += item.kept
+                    for ev in item.events:
+                        self.stats.skip(*ev)
+                if any(it.end for it in items):
+                    cut = min((it.dry for it in items if it.dry is not None), default=0)
+                    if cut and not c.drop_last:  # the short last batch: slots before `cut`
+                        parts = [_trim(it.part, cut) for it in items if it.part]
+                        yield _assemble(parts, cut, labelled)
+                    break
+                for item in items:
+                    for s, n in item.drawn.items():
+                        self._drawn[s] += n
+                self._local += c.batch_size
+                self._batches += 1
+                yield _assemble([it.part for it in items], c.batch_size, labelled)
         finally:
             del source
             if dl_iter is not None:

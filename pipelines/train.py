@@ -65,7 +65,7 @@ def run_train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     for them (the ranks do the work).
     """
     rd = RunDir(cfg.run_dir)
-    rd.write_config(cfg, force)
+    write_run_config(rd, cfg, force)
     if cfg.train.wandb_project:
         require_wandb()  # a missing package fails here, before any rank starts
     if cfg.train.nproc > 1 and not _under_launcher():
@@ -98,10 +98,38 @@ def run_train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     return summary
 
 
+ELASTIC_KEYS = ("nproc", "launcher", "micro_batch_size", "grad_accum")
+"""train.* keys that only split the global batch over ranks: a resume may change them (the
+trainer checks that micro_batch_size × grad_accum × ranks, the global batch, is kept)."""
+
+
+def write_run_config(rd: RunDir, cfg: RunConfig, force: bool = False) -> None:
+    """RUN/config.yaml as :meth:`RunDir.write_config` writes it, except that a resume on another
+    number of ranks (train.nproc, micro_batch_size, grad_accum, launcher changed, nothing
+    else) is not a config change: a requeued job that got another node count just goes on
+    (docs/training.md, 'Elastic resume'). Any other difference is refused as before."""
+    import dataclasses
+
+    import yaml
+
+    if not force and rd.config_path.is_file():
+        old = (yaml.safe_load(rd.config_path.read_text()) or {}).get("train") or {}
+        split = {k: old[k] for k in ELASTIC_KEYS if k in old and old[k] != getattr(cfg.train, k)}
+        if split:
+            probe = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **split))
+            rd.write_config(probe)  # raises ConfigChangedError on any other difference
+            now = {k: getattr(cfg.train, k) for k in split}
+            log.warning("train split over ranks changed %s -> %s (elastic resume)", split, now)
+            force = True
+    rd.write_config(cfg, force)
+
+
 def make_job(cfg: RunConfig) -> TrainJob:
     """The trainer's whole input, resolved from the run config and the run directory: the
     class count (rows of the centroids), where the labels are and which centroids they must
     come from. The trainer itself never looks at other stages' folders."""
+    from megaclass.pipelines.train_eval import make_eval_hook
+
     rd = RunDir(cfg.run_dir)
     labels = None if cfg.train.objective == "siglip" else labels_dir_of(cfg)
     return TrainJob(
@@ -112,6 +140,7 @@ def make_job(cfg: RunConfig) -> TrainJob:
         num_classes=count_classes(cfg) if labels is not None else 0,
         labels_dir=labels,
         centroid_sha=expected_centroid_sha(cfg) if labels is not None else None,
+        eval_hook=make_eval_hook(cfg),  # train.eval_every (None when 0)
     )
 
 

@@ -1,4 +1,5 @@
-"""TrainLoader: exact resume (workers 1/2, world sizes 1/2), label join, sha refusal, stats."""
+"""TrainLoader: the same global batches at world sizes 1/2/4 and worker counts 0/1/2, exact resume
+at the same and at another world size, label join, sha refusal, stats."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 from megaclass.data.labels import LabelShaMismatchError
-from megaclass.data.loader import TrainLoader
+from megaclass.data.loader import (
+    TrainLoader,
+    VirtualStreamsError,
+    effective_streams,
+    global_order,
+)
 from torchvision.transforms import v2
 
 
@@ -31,6 +37,7 @@ def _loader(ds, **kw):
         labels_dir=ds["labels_dir"],
         centroid_sha=ds["sha"],
         shuffle_buffer=16,
+        virtual_streams=64,  # what the trainer passes (train.virtual_streams)
     )
     args.update(kw)
     return TrainLoader(ds["shards"], **args)
@@ -47,48 +54,130 @@ def _flat(batches):
     return [k for b in batches for k in b["key"]]
 
 
+G = 8  # global batch of the invariance tests: batch_size = G / R on each of R ranks
+
+
+def _global_batches(ds, world, workers=0, states=None, n=None, **kw):
+    """Lockstep over R rank loaders: the global batches (keys and images in global order) until
+    the first one a rank cannot fill (the trainer's epoch-end rule), or ``n`` of them; and the
+    merged state after them."""
+    loaders = [
+        _loader(
+            ds,
+            batch_size=G // world,
+            rank=r,
+            world_size=world,
+            num_workers=workers,
+            drop_last=True,
+            **kw,
+        )  # fmt: skip
+        for r in range(world)
+    ]
+    if states is not None:
+        for ld in loaders:
+            ld.load_state_dict(states)
+    its = [iter(ld) for ld in loaders]
+    out = []
+    while n is None or len(out) < n:
+        parts = [next(it, None) for it in its]
+        if any(p is None for p in parts):  # every rank starts the next epoch (the trainer)
+            epoch = max(ld.epoch for ld in loaders)
+            for ld in loaders:
+                ld.set_epoch(epoch)
+            break
+        keys = global_order([p["key"] for p in parts])
+        rows = global_order([list(p["image"]) for p in parts])
+        labels = global_order([list(p["label"]) for p in parts])
+        out.append({"key": keys, "image": torch.stack(rows), "label": torch.stack(labels)})
+    state = TrainLoader.merge_states([ld.state_dict() for ld in loaders])
+    del its
+    return out, state
+
+
+def _same(a, b):
+    assert [x["key"] for x in a] == [y["key"] for y in b]
+    for x, y in zip(a, b):
+        assert torch.equal(x["image"], y["image"])  # augmentations are tied to the sample
+        assert torch.equal(x["label"], y["label"])
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dataset):
+    """One rank, in-process: the global batches of epoch 0."""
+    return _global_batches(tiny_dataset, 1)[0]
+
+
 @pytest.mark.parametrize(
-    "num_workers,world_size", [(0, 1), (1, 1), (2, 1), (1, 2), (2, 2)], ids=lambda x: str(x)
+    "world,workers", [(1, 1), (1, 2), (2, 0), (2, 2), (4, 0), (4, 1)], ids=lambda x: str(x)
 )
-def test_exact_resume(tiny_dataset, num_workers, world_size):
-    """Iterate N, save, restore in a fresh loader: the next M batches are identical."""
-    for rank in range(world_size):
-        kw = dict(num_workers=num_workers, rank=rank, world_size=world_size)
-        full = list(_loader(tiny_dataset, **kw))  # one uninterrupted epoch
-        n = len(full) // 2 + 1
-
-        a = _loader(tiny_dataset, **kw)
-        it = iter(a)
-        first = _take(it, n)
-        state = a.state_dict()
-        del it
-
-        b = _loader(tiny_dataset, **kw)
-        b.load_state_dict(state)
-        rest = list(b)
-        got = first + rest
-        assert _flat(got) == _flat(full)
-        for x, y in zip(got, full):
-            assert torch.equal(x["image"], y["image"])  # augmentations are reproducible too
-            assert torch.equal(x["label"], y["label"])
-        assert b.epoch == 1 and b.state_dict()["drawn"] == [0] * max(1, num_workers)
+def test_global_batches_do_not_depend_on_ranks_or_workers(tiny_dataset, reference, world, workers):
+    got, state = _global_batches(tiny_dataset, world, workers)
+    assert len(reference) >= 6  # 4 streams (6 shards) of ≥ 20 samples: at least 80 samples
+    _same(got, reference)
+    keys = [k for b in got for k in b["key"]]
+    assert len(set(keys)) == len(keys)
+    assert set(state["streams"]) == {"0", "1", "2", "3"}
 
 
-def test_ranks_partition_the_epoch(tiny_dataset):
-    keys = []
-    for rank in range(2):
-        keys += _flat(_loader(tiny_dataset, rank=rank, world_size=2, num_workers=2))
-    assert sorted(keys) == [f"{i:06d}" for i in range(120)]
-    # a different epoch gives another order, same seed and epoch the same order
+@pytest.mark.parametrize("world", [1, 4])
+def test_resume_at_another_world_size_mid_epoch(tiny_dataset, reference, world):
+    """A state saved at R=2 after 3 global batches continues exactly at R=1 and R=4."""
+    first, state = _global_batches(tiny_dataset, 2, workers=1, n=3)
+    assert state["position"] == 3 * G and "rank" not in state
+    assert sum(state["streams"].values()) >= 3 * G
+    rest, end = _global_batches(tiny_dataset, world, workers=1 if world == 1 else 0, states=state)
+    _same(first + rest, reference)
+    assert end["epoch"] == 0 or end["position"] == 0
+
+
+def test_world_size_must_divide_the_streams(tiny_dataset):
+    with pytest.raises(VirtualStreamsError, match="virtual_streams=64 .* world size 3"):
+        _loader(tiny_dataset, rank=0, world_size=3)
+    # 6 shards leave 4 of 64 streams usable: 8 ranks cannot share them; 16 streams of 24 can
+    assert effective_streams(64, 6, resampled=False) == 4
+    assert effective_streams(64, 6, resampled=True) == 64
+    with pytest.raises(VirtualStreamsError, match="6 shards leave 4 usable"):
+        _loader(tiny_dataset, rank=0, world_size=8)
+
+
+def test_short_last_batch_is_the_same_for_any_worker_count(tiny_dataset):
+    """drop_last=False: the epoch's last batch holds the slots before the first stream that ran
+    dry — decided the same way when the streams are split over workers."""
+    a = list(_loader(tiny_dataset, num_workers=0))
+    b = list(_loader(tiny_dataset, num_workers=2))
+    _same(a, b)
+    assert 0 < len(a[-1]["key"]) < 7 and all(len(x["key"]) == 7 for x in a[:-1])
+
+
+def test_exact_resume_same_world_with_workers(tiny_dataset):
+    """Iterate N, save, restore in a fresh loader: the next batches are identical (R=1, W=2)."""
+    kw = dict(num_workers=2)
+    full = list(_loader(tiny_dataset, **kw))
+    n = len(full) // 2 + 1
+    a = _loader(tiny_dataset, **kw)
+    it = iter(a)
+    first = _take(it, n)
+    state = a.state_dict()
+    del it
+    b = _loader(tiny_dataset, **kw)
+    b.load_state_dict(state)
+    got = first + list(b)
+    _same(got, full)
+    assert b.epoch == 1 and not any(b.state_dict()["streams"].values())
+
+
+def test_epochs_differ_and_repeat_with_the_seed(tiny_dataset):
     a = _loader(tiny_dataset)
     e0, e1 = _flat(a), _flat(a)
-    assert sorted(e0) == sorted(e1) and e0 != e1
+    assert len(set(e0)) == len(e0) and e0 != e1
     assert _flat(_loader(tiny_dataset)) == e0
+    assert _flat(_loader(tiny_dataset, seed=4)) != e0
 
 
 def test_resume_across_epochs_and_multi_label(tiny_dataset):
     a = _loader(tiny_dataset, num_labels=2, num_workers=1)
-    whole = list(a) + list(a)
+    e0 = list(a)
+    whole = e0 + list(a)
     a2 = _loader(tiny_dataset, num_labels=2, num_workers=1)
     list(a2)
     it = iter(a2)
@@ -97,33 +186,41 @@ def test_resume_across_epochs_and_multi_label(tiny_dataset):
     assert st["epoch"] == 1
     b = _loader(tiny_dataset, num_labels=2, num_workers=1)
     b.load_state_dict(st)
-    assert _flat(list(b)) == _flat(whole[len(whole) // 2 + 3 :])
+    assert _flat(list(b)) == _flat(whole[len(e0) + 3 :])
     lab = whole[0]["label"]
     assert lab.dtype == torch.int64 and lab.shape == (7, 2)
     keys = np.array([int(k) for k in whole[0]["key"]])
     assert np.array_equal(lab.numpy(), np.stack([keys * 10, keys * 10 + 1], 1))
 
 
-def test_world_size_change_restarts_at_epoch_boundary(tiny_dataset):
-    a = _loader(tiny_dataset, rank=0, world_size=2)
+def test_other_setup_or_old_state_restarts_at_epoch_boundary(tiny_dataset):
+    a = _loader(tiny_dataset)
     it = iter(a)
     _take(it, 2)
     st = a.state_dict()
-    b = _loader(tiny_dataset, rank=0, world_size=1)
-    with pytest.warns(UserWarning, match="world_size: 2 → 1"):
+    b = _loader(tiny_dataset, seed=5)
+    with pytest.warns(UserWarning, match="seed: 3 → 5"):
         b.load_state_dict(st)
     assert b.epoch == 1
-    ref = _loader(tiny_dataset)
+    ref = _loader(tiny_dataset, seed=5)
     ref.set_epoch(1)
     assert _flat(list(b)) == _flat(list(ref))
-    with pytest.raises(ValueError, match="rank 0 loaded on rank 1"):
-        _loader(tiny_dataset, rank=1, world_size=2).load_state_dict(st)
+    old = {"version": 1, "rank": 0, "epoch": 0, "drawn": [14], "batches": [2], "config": {},
+           "stats": st["stats"]}  # fmt: skip
+    c = _loader(tiny_dataset)
+    with pytest.warns(UserWarning, match="state version 1"):
+        c.load_state_dict(old)
+    assert c.epoch == 1
+    with pytest.raises(ValueError, match="merged state"):
+        _loader(tiny_dataset, rank=0, world_size=2).load_state_dict(
+            _loader(tiny_dataset, batch_size=4, rank=1, world_size=2).state_dict()
+        )
 
 
 def test_resampled_mode_resumes(tiny_dataset):
-    kw = dict(resampled=True, batches_per_epoch=5, num_workers=2)
+    kw = dict(resampled=True, batches_per_epoch=8, num_workers=2, virtual_streams=8)
     full = list(_loader(tiny_dataset, **kw))
-    assert len(full) == 10
+    assert len(full) == 8
     a = _loader(tiny_dataset, **kw)
     it = iter(a)
     first = _take(it, 4)
@@ -156,6 +253,7 @@ def test_missing_labels_and_bad_samples_are_counted(tiny_dataset, corrupt_shards
         num_workers=2,
         world_size=1,
         rank=0,
+        virtual_streams=1,  # one stream reads every shard: the epoch covers all samples
     )
     keys = _flat(list(a))
     assert sorted(keys) == [f"{i:06d}" for i in range(100)]

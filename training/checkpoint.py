@@ -5,10 +5,14 @@ Layout (one folder per checkpoint, docs/architecture.md)::
     RUN/train/ckpt/step-0000100/
         mp_rank_00_model_states.pt, zero_pp_rank_*   DeepSpeed (backbone, its optimizer, schedule)
         head/rank-00000-of-00002.pt                  per rank: head shard, head optimizer and
-                                                     schedule, RNG states, loader state, counters
+                                                     schedule, RNG states, counters
+        loader.json                                  the loader position, world-size free
+                                                     (all ranks' parts merged; written once)
         COMPLETE.json                                written LAST by rank 0 after a barrier;
                                                      records size + sha256 of every file above
-        reshard-ws1.json                             written by `megaclass train reshard` (last)
+        reshard-ws1.json                             written by the re-shard (last): by
+                                                     `megaclass train reshard`, or by rank 0
+                                                     when a run resumes at another world size
         head-ws1/rank-00000-of-00001.pt              head re-split for 1 rank
     RUN/train/ckpt/step-0000100_universal/           DeepSpeed universal checkpoint (ZeRO>0 only),
         COMPLETE.json                                its own marker (converted in a temporary folder,
@@ -61,6 +65,8 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 _STEP_RE = re.compile(r"^step-(\d{7})$")
+LOADER_FILE = "loader.json"
+"""The loader position of a checkpoint, world-size free (data/loader.py), saved once."""
 FILES_KEY = "files"
 """Marker key: {relative path: {"size": bytes, "sha256": hex}} of every file of the save."""
 _HEAD_SHARD_RE = re.compile(r"(?:^|/)rank-(\d{5})-of-\d{5}\.pt$")
@@ -345,8 +351,12 @@ def save_checkpoint(
     world: int,
     marker_info: dict[str, Any],
     keep_last: int,
+    loader_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Save on every rank (collective). The marker is written by rank 0 after everyone is done."""
+    """Save on every rank (collective). The marker is written by rank 0 after everyone is done.
+
+    ``loader_state``: the merged, world-size-free loader state; rank 0 writes it once as
+    ``loader.json`` (recorded in the marker like every other file)."""
     import torch.distributed as dist
 
     root = Path(root)
@@ -362,6 +372,8 @@ def save_checkpoint(
     engine.save_checkpoint(str(root), tag=tag, client_state=client)
     with atomic_path(folder / "head" / shard_name(rank, world)) as tmp:
         torch.save(state.to_dict(), tmp)
+    if rank == 0 and loader_state is not None:
+        write_json_atomic(folder / LOADER_FILE, loader_state)
     dist.barrier()
     # DeepSpeed's files are not fsynced by DeepSpeed: each rank flushes and hashes what it
     # wrote, rank 0 gathers the records and makes the folder entries durable, marker last.
@@ -438,12 +450,20 @@ class ResumePlan:
     same_world: bool
 
 
-def plan_resume(root: str | Path, rank: int, world: int) -> ResumePlan | None:
+def plan_resume(
+    root: str | Path, rank: int, world: int, auto_reshard: bool = False
+) -> ResumePlan | None:
     """The newest complete and intact checkpoint and how this world size loads it.
 
     None: no checkpoint, start fresh. Each candidate's files are checked against its marker's
     record (split over the ranks when the process group is up); one that fails is skipped with
     a warning naming the file. If every checkpoint fails, refuse rather than silently restart.
+
+    A checkpoint of another world size needs its head re-split (and ZeRO state converted to a
+    universal checkpoint). ``auto_reshard``: rank 0 does it here (:func:`reshard`, logged) while
+    the other ranks wait — the caller holds the run directory's lock (pipelines/train.py), so
+    no other process touches the folder; without it, the error asks for
+    ``megaclass train reshard``.
     """
     complete = list_checkpoints(root)
     if not complete:
@@ -475,6 +495,8 @@ def plan_resume(root: str | Path, rank: int, world: int) -> ResumePlan | None:
             True,
         )
     rec = folder / f"reshard-ws{world}.json"
+    if not rec.is_file() and auto_reshard:
+        _reshard_collectively(folder, rank, world, old_world)
     if not rec.is_file():
         raise CheckpointError(
             f"{folder} was written by {old_world} ranks but this run has {world}. Re-shard it "
@@ -490,6 +512,49 @@ def plan_resume(root: str | Path, rank: int, world: int) -> ResumePlan | None:
         bool(info["universal"]),
         False,
     )
+
+
+def _reshard_collectively(folder: Path, rank: int, world: int, old_world: int) -> None:
+    """Rank 0 re-shards ``folder`` for ``world`` ranks; every rank learns the outcome (a failure
+    raises the same error everywhere instead of leaving the others at a barrier)."""
+    import torch.distributed as dist
+
+    err = None
+    if rank == 0:
+        log.warning(
+            "%s was written by %d ranks, this run has %d: re-sharding it now (head re-split, "
+            "universal conversion of ZeRO state)",
+            folder,
+            old_world,
+            world,
+        )
+        t0 = time.time()
+        try:
+            reshard(folder, world)
+            log.warning("%s re-sharded for %d ranks in %.1f s", folder, world, time.time() - t0)
+        except Exception as e:  # noqa: BLE001 - reported to every rank, then raised
+            err = f"{type(e).__name__}: {e}"
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err is not None:
+        raise CheckpointError(
+            f"re-sharding {folder} for {world} ranks failed: {err}. Try "
+            f"`megaclass train reshard {folder.parent.parent.parent} --world-size {world}`"
+        )
+
+
+def load_loader_state(folder: Path) -> dict[str, Any] | None:
+    """The checkpoint's world-size-free loader state (None: a checkpoint from before it was
+    saved once; its head files then hold per-rank states)."""
+    path = Path(folder) / LOADER_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable loader state ({e})") from e
 
 
 def load_head_file(path: Path) -> dict[str, Any]:

@@ -9,9 +9,10 @@ count, so the trainer never looks at other stages' folders (docs/architecture.md
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from megaclass.data.config import DataConfig
 from megaclass.training.margins import MARGINS
@@ -20,8 +21,9 @@ OBJECTIVES = ("pfc", "mlcd", "siglip")
 """Training objectives: partial-FC margin softmax, MLCD multi-label, SigLIP image-text."""
 OPTIMIZERS = ("adamw", "sgd")
 """Backbone (and head) optimizers built by training/engine.py."""
-PRECISIONS = ("fp32", "bf16", "fp16")
-"""Training precisions (fp16 is refused on CPU by engine.check_precision)."""
+PRECISIONS = ("fp32", "bf16", "fp16", "fp64")
+"""Training precisions (fp16 is refused on CPU by engine.check_precision; fp64 is for CPU
+references and determinism checks: backbone, head and inputs in float64)."""
 LAUNCHERS = ("torchrun", "deepspeed")
 """How `megaclass run` starts several local ranks."""
 
@@ -103,7 +105,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Gradient-norm clipping of the backbone (0 disables)."""
     precision: str = "fp32"
-    """'fp32', 'bf16' or 'fp16'."""
+    """'fp32', 'bf16', 'fp16' or 'fp64' (float64 backbone and head: slow, for reference runs and
+    the world-size determinism tests)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0, 1 or 2."""
     ds_config: str | None = None
@@ -114,6 +117,14 @@ class TrainConfig:
     """Complete checkpoints kept."""
     log_every: int = 10
     """Metrics every N steps."""
+    eval_every: int = 0
+    """Retrieval eval of the student on data.eval_shards every N optimizer steps (0: off): rank 0
+    embeds up to train.eval_max_images held-out images and logs Recall@1 and mAP@R to
+    metrics.jsonl ("kind": "eval") and TensorBoard/W&B (eval/…); the other ranks wait. It
+    consumes no randomness and leaves the training result unchanged (docs/evaluation.md)."""
+    eval_max_images: int = 2000
+    """train.eval_every: the first N labelled images of data.eval_shards, decoded and transformed
+    once and kept in memory (N x 3 x size² x 4 bytes: 1.2 GB for 2000 at 224 px)."""
     wandb_project: str | None = None
     """Weights & Biases project that rank 0 also logs the training scalars, the config and the
     eval table to (None: off). Needs `pip install wandb`; WANDB_MODE=offline and WANDB_DIR are
@@ -129,6 +140,16 @@ class TrainConfig:
     nproc: int = 1
     """Ranks that `megaclass run` and `megaclass train` start on this machine (an outer
     deepspeed/torchrun/srun launch sets the ranks itself)."""
+    virtual_streams: int = 64
+    """Virtual data streams V of the training loader: the shard list is dealt to V streams (each
+    with its own shuffle buffer and augmentation seeds) whose round robin is the sample order,
+    so the global batches depend on the seed, the shards and the global batch size only. Any
+    world size that divides V (with fewer shards than V: the largest divisor of V not above the
+    shard count) resumes mid-epoch with the same batches. Changing it changes the order
+    (docs/training.md, 'Elastic resume')."""
+    log_batch_keys: bool = False
+    """Rank 0 writes RUN/train/batches.jsonl: per optimizer step {"step", "keys"}, the sample keys
+    of the global batch in global order (one gather of keys per step), to check the order."""
     launcher: str = "torchrun"
     """How `megaclass run` starts nproc > 1 ranks on this machine: 'torchrun' (torch.distributed.run) or 'deepspeed' (the deepspeed launcher)."""
 
@@ -178,6 +199,15 @@ def margin_option_errors(tc: TrainConfig) -> list[str]:
         out.append(f"train.adaface_t_alpha: must be in (0, 1], got {tc.adaface_t_alpha}")
     if tc.head_class_chunk is not None and tc.head_class_chunk < 1:
         out.append(f"train.head_class_chunk: must be >= 1 or null, got {tc.head_class_chunk}")
+    if tc.precision == "fp64" and tc.zero_stage != 0:
+        out.append(f"train.precision: fp64 runs with train.zero_stage=0 only, got {tc.zero_stage}")
+    if tc.virtual_streams < 1:
+        out.append(f"train.virtual_streams: must be >= 1, got {tc.virtual_streams}")
+    elif tc.virtual_streams % max(1, tc.nproc):
+        out.append(
+            f"train.virtual_streams: {tc.virtual_streams} is not divisible by train.nproc="
+            f"{tc.nproc} (each rank reads an equal share of the virtual streams)"
+        )
     if tc.head_class_chunk is not None and tc.objective == "siglip":
         out.append("train.head_class_chunk: siglip has no class head; remove it")
     return out
@@ -201,6 +231,9 @@ class TrainJob:
     """Folder of <shard stem>.parquet label sidecars (None for SigLIP)."""
     centroid_sha: str | None = None
     """sha256 of the centroids the labels must come from (None: not checked)."""
+    eval_hook: Callable[[int, Any, Any], dict[str, float]] | None = None
+    """Not user config: ``hook(step, backbone, eval_transform) -> metrics`` that the trainer calls
+    every train.eval_every steps (set by the train stage: pipelines/train_eval.py)."""
 
     @property
     def ckpt_dir(self) -> Path:

@@ -20,13 +20,14 @@ their rows. The result is the same update for any number of ranks.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megaclass.core.atomic import write_text_atomic
 from megaclass.core.config import ConfigError
 from megaclass.core.errors import UserError
-from megaclass.data.loader import TrainLoader
+from megaclass.data.loader import TrainLoader, VirtualStreamsError, global_order
 from megaclass.data.shards import expand_shards
 from megaclass.training import checkpoint as ckpt
 from megaclass.training.config import TrainJob, margin_kwargs
@@ -98,11 +100,12 @@ def train(job: TrainJob, **setup_kw: Any) -> dict[str, Any]:
     after a checkpoint (the caller then exits 0 so that Slurm requeues it).
     """
     st = setup(job, **setup_kw)
-    tc, env, engine = job.train, st.env, st.engine
+    tc, env, engine = st.job.train, st.env, st.engine  # (grad_accum may be adapted on resume)
     stop = _StopFlag()
     test_signal_step = int(os.environ.get(TEST_SIGNAL_ENV, "0") or 0)
     metrics = MetricsLogger(st.job.train_dir, enabled=env.is_main, resume_step=st.step, job=st.job)
     global_batch = tc.micro_batch_size * tc.grad_accum * env.world_size
+    keylog = BatchKeyLog(st.job.train_dir, st.step, env.is_main) if tc.log_batch_keys else None
     data_iter = iter(st.loader)
     bad_in_row = 0
     window = _Window()
@@ -114,19 +117,18 @@ def train(job: TrainJob, **setup_kw: Any) -> dict[str, Any]:
         # ---- one optimizer step = grad_accum micro-batches ------------------------------
         loss_sum = torch.zeros((), dtype=torch.float64, device=env.device)
         micro = 0
+        t0 = time.perf_counter()
+        queue, data_iter = step_batches(st, data_iter)
+        window.wait += time.perf_counter() - t0
+        used: list[list[str]] = []
         while micro < tc.grad_accum:
-            t0 = time.perf_counter()
-            batch = next(data_iter, None)
-            if batch is None:  # end of this rank's epoch: the loader starts the next one
-                data_iter = iter(st.loader)
-                batch = next(data_iter, None)
-                if batch is None:
-                    raise ConfigError(
-                        f"rank {env.rank}: the loader yields no full batch of "
-                        f"{tc.micro_batch_size} in an epoch (too few shards/samples for "
-                        f"{env.world_size} ranks; use data.resampled=true or more shards)"
-                    )
-            window.wait += time.perf_counter() - t0
+            if queue:
+                batch = queue.pop(0)
+            else:  # a replacement for a skipped non-finite micro-batch
+                t0 = time.perf_counter()
+                more, data_iter = step_batches(st, data_iter, n=1)
+                batch = more[0]
+                window.wait += time.perf_counter() - t0
             loss = forward_loss(st, batch)
             # one tiny all-reduce: is the loss non-finite on any rank? (all must skip together)
             bad = (~torch.isfinite(loss.detach())).float().reshape(1)
@@ -152,6 +154,8 @@ def train(job: TrainJob, **setup_kw: Any) -> dict[str, Any]:
                 if st.head_opt is not None:
                     st.extra["head_lr"] = st.head_opt.param_groups[0]["lr"]
             engine.backward(loss)
+            if boundary and tc.precision == "fp64":
+                average_backbone_grads(st)
             if boundary and (st.step + 1) % tc.log_every == 0 and tc.zero_stage == 0:
                 st.extra["grad_norm"] = _grad_norm(st.model)  # DeepSpeed reports none at stage 0
             if boundary and st.head is not None:
@@ -164,12 +168,16 @@ def train(job: TrainJob, **setup_kw: Any) -> dict[str, Any]:
                 st.head_sched.step()
             loss_sum += loss.detach().double()
             micro += 1
+            if keylog is not None:
+                used.append(list(batch["key"]))
         bad_in_row = 0
         st.step += 1
         st.samples += global_batch
         window.steps += 1
         last_loss_t = loss_sum / tc.grad_accum
         pbar.update(1)
+        if keylog is not None:
+            keylog.log(st.step, used, env)
 
         # ---- metrics ---------------------------------------------------------------------
         if st.step % tc.log_every == 0 or st.step == tc.steps:
@@ -178,6 +186,12 @@ def train(job: TrainJob, **setup_kw: Any) -> dict[str, Any]:
             metrics.log(rec)
             pbar.set_postfix(loss=f"{last_loss:.4f}", sps=f"{rec['samples_per_s']:.0f}")
             window = _Window()
+
+        # ---- eval during training: the hook embeds on rank 0 (the others wait), restores the
+        # RNG states and train mode, so the training result is unchanged (pipelines/train_eval.py)
+        if job.eval_hook is not None and tc.eval_every > 0 and st.step % tc.eval_every == 0:
+            enc = st.model.encoder
+            metrics.log_eval(st.step, job.eval_hook(st.step, enc, enc.transform_eval))
 
         if test_signal_step and st.step == test_signal_step and env.is_main:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -193,6 +207,8 @@ def train(job: TrainJob, **setup_kw: Any) -> dict[str, Any]:
             break
     pbar.close()
     metrics.close()
+    if keylog is not None:
+        keylog.close()
     stop.restore()
     return {
         "steps": st.step,
@@ -221,9 +237,22 @@ def forward_loss(st: TrainState, batch: dict[str, Any]) -> torch.Tensor:
             m.logit_scale.float().exp().squeeze(),
             m.logit_bias.float().squeeze(),
         )
-    emb = st.engine(images).float()
+    emb = st.engine(images)
+    emb = emb.double() if st.dtype == torch.float64 else emb.float()
     # pfc: (B,) top-1 labels; mlcd: (B, l) top-l labels (the loader slices them)
     return st.head(emb, batch["label"].to(st.env.device))
+
+
+def average_backbone_grads(st: TrainState) -> None:
+    """fp64: the data-parallel gradient average DeepSpeed would do (sum over ranks, then ÷ world
+    size), done here because DeepSpeed's CPU accelerator refuses to reduce float64 gradients
+    (its own all-reduce is switched off for fp64 in :func:`setup`)."""
+    if st.env.world_size == 1:
+        return
+    for p in st.model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(st.env.world_size)
 
 
 def head_grad_prepare(st: TrainState) -> None:
@@ -269,12 +298,22 @@ def setup(
     env = init_distributed()
     _seed_all(job.seed)  # identical backbone init on every rank (DeepSpeed broadcasts anyway)
     model = build_student(tc, job.data.image_size)
+    if tc.precision == "fp64":  # DeepSpeed runs it as given (its fp32 path casts nothing)
+        model = model.double()
     num_classes = 0
     head = None
     if tc.objective in ("pfc", "mlcd"):
         num_classes = job.num_classes
         head = (make_head or build_head)(job, env, num_classes)
-    plan = ckpt.plan_resume(job.ckpt_dir, env.rank, env.world_size) if resume else None
+    # another world size than the checkpoint's: rank 0 re-shards it (logged), the others wait
+    plan = (
+        ckpt.plan_resume(job.ckpt_dir, env.rank, env.world_size, auto_reshard=True)
+        if resume
+        else None
+    )
+    if plan is not None and not plan.same_world:
+        job = keep_global_batch(job, plan, env.world_size)
+        tc = job.train
     ds_config = build_ds_config(tc, env.world_size, load_universal=bool(plan and plan.universal))
     check_precision(ds_config)
     opt = make_optimizer(param_groups(model, tc.weight_decay), tc, tc.lr)
@@ -282,9 +321,13 @@ def setup(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds_config
     )
+    if tc.precision == "fp64":  # float64 grads are averaged by average_backbone_grads
+        engine.enable_backward_allreduce = False
     # the engine's dtype (a user's ds_config may switch bf16/fp16 on): inputs are cast to it
     dtype = (
-        torch.bfloat16
+        torch.float64
+        if tc.precision == "fp64"
+        else torch.bfloat16
         if engine.bfloat16_enabled()
         else torch.float16
         if engine.fp16_enabled()
@@ -302,6 +345,30 @@ def setup(
     if plan is not None:
         restore(st, plan)
     return st
+
+
+def keep_global_batch(job: TrainJob, plan: ckpt.ResumePlan, world: int) -> TrainJob:
+    """A resume on another number of ranks keeps the checkpoint's global batch: when
+    ``micro_batch_size × grad_accum × ranks`` differs, ``grad_accum`` becomes
+    ``global batch / (micro_batch_size × ranks)`` (logged) — so a requeued job that got another
+    node count goes on without a config edit. Refused, naming the keys, when that is no whole
+    number."""
+    tc = job.train
+    saved = ckpt.read_marker(plan.folder).get("global_batch")
+    if saved is None or int(saved) == tc.micro_batch_size * tc.grad_accum * world:
+        return job
+    accum, rest = divmod(int(saved), tc.micro_batch_size * world)
+    if rest or accum < 1:
+        raise ConfigError(
+            f"{plan.folder} was trained with a global batch of {saved} samples, which "
+            f"train.micro_batch_size={tc.micro_batch_size} × {world} ranks does not divide: set "
+            f"train.micro_batch_size so that micro_batch_size × ranks × train.grad_accum = {saved}"
+        )
+    log.warning(
+        "resuming %s (global batch %s) on %d ranks: train.grad_accum %d -> %d keeps it",
+        plan.folder, saved, world, tc.grad_accum, accum,
+    )  # fmt: skip
+    return replace(job, train=replace(tc, grad_accum=accum))
 
 
 def restore(st: TrainState, plan: ckpt.ResumePlan) -> None:
@@ -322,8 +389,23 @@ def restore(st: TrainState, plan: ckpt.ResumePlan) -> None:
         ckpt.set_generator_states(st.head, saved["head_rng"])
     if plan.same_world:
         ckpt.set_rng_state(saved["rng"])
-    if saved["loader"] is not None and hasattr(st.loader, "load_state_dict"):
-        st.loader.load_state_dict(saved["loader"])
+    tc = st.job.train
+    global_batch = tc.micro_batch_size * tc.grad_accum * st.env.world_size
+    saved_batch = ckpt.read_marker(plan.folder).get("global_batch")
+    if saved_batch is not None and int(saved_batch) != global_batch:
+        raise ConfigError(
+            f"{plan.folder} was trained with a global batch of {saved_batch} samples; this run's "
+            f"is {global_batch} (train.micro_batch_size={tc.micro_batch_size} × "
+            f"train.grad_accum={tc.grad_accum} × {st.env.world_size} ranks): keep the global "
+            "batch when the number of ranks changes (adjust micro_batch_size or grad_accum)"
+        )
+    # the loader state is world-size free and saved once (loader.json); older checkpoints
+    # kept a per-rank state in the head file (the loader then restarts at an epoch boundary)
+    loader_state = ckpt.load_loader_state(plan.folder)
+    if loader_state is None:
+        loader_state = saved["loader"]
+    if loader_state is not None and hasattr(st.loader, "load_state_dict"):
+        st.loader.load_state_dict(loader_state)
     tr = saved["trainer"]
     st.step, st.samples, st.bad_total = tr["step"], tr["samples"], tr["bad_total"]
     st.resumed_from = str(plan.folder)
@@ -338,7 +420,7 @@ def save(st: TrainState) -> Path:
         head_sched=st.head_sched.state_dict() if st.head_sched is not None else None,
         head_rng=ckpt.generator_states(st.head) if st.head is not None else {},
         rng=ckpt.rng_state(),
-        loader=st.loader.state_dict() if hasattr(st.loader, "state_dict") else None,
+        loader=None,  # saved once, world-size free: loader.json (below)
         trainer={
             "step": st.step,
             "samples": st.samples,
@@ -352,6 +434,7 @@ def save(st: TrainState) -> Path:
         "model": st.job.train.model,
         "zero_stage": st.job.train.zero_stage,
         "encoder_spec": st.model.encoder.spec.to_dict(),
+        "global_batch": st.job.train.micro_batch_size * st.job.train.grad_accum * st.env.world_size,
     }
     return ckpt.save_checkpoint(
         st.job.ckpt_dir,
@@ -362,7 +445,100 @@ def save(st: TrainState) -> Path:
         st.env.world_size,
         info,
         st.job.train.keep_last,
+        loader_state=merged_loader_state(st),
     )
+
+
+def merged_loader_state(st: TrainState) -> dict[str, Any] | None:
+    """Every rank's loader part joined into one world-size-free state (a collective; None for a
+    loader without state). Only rank 0's copy is written."""
+    if not hasattr(st.loader, "state_dict"):
+        return None
+    part = st.loader.state_dict()
+    parts = [part]
+    if st.env.world_size > 1:
+        parts = [None] * st.env.world_size
+        dist.all_gather_object(parts, part)
+    merge = getattr(st.loader, "merge_states", None)
+    return merge(parts) if merge is not None else parts[0]
+
+
+def step_batches(
+    st: TrainState, data_iter: Iterator[Any], n: int | None = None
+) -> tuple[list[Any], Iterator[Any]]:
+    """The ``n`` (default grad_accum) micro-batches of the next step, and the iterator to go on
+    with.
+
+    Why the agreement: the epoch ends at the first *global* batch that some rank cannot fill
+    (one of its virtual streams ran dry). A rank knows only its own streams, so all ranks agree
+    with one tiny all-reduce per step; if any rank came up short, every rank starts the next
+    epoch (``loader.set_epoch``) and fetches again. The decision depends on the global sample
+    sequence only, so the epoch ends at the same global batch for any number of ranks.
+    """
+    tc, env = st.job.train, st.env
+    n = tc.grad_accum if n is None else n
+    for _attempt in range(2):
+        epoch = getattr(st.loader, "epoch", None)
+        got = []
+        while len(got) < n and (b := next(data_iter, None)) is not None:
+            got.append(b)
+        full = len(got) == n
+        if env.world_size > 1:
+            full = not _any_rank(not full, env)
+        if full:
+            return got, data_iter
+        if epoch is not None and hasattr(st.loader, "set_epoch"):
+            st.loader.set_epoch(epoch + 1)
+        data_iter = iter(st.loader)
+    raise ConfigError(
+        f"the loader yields no full global batch of {tc.micro_batch_size * n} × "
+        f"{env.world_size} ranks in an epoch (too few shards/samples; use data.resampled=true "
+        "or more shards)"
+    )
+
+
+class BatchKeyLog:
+    """``train.log_batch_keys``: RUN/train/batches.jsonl, one line per optimizer step with the
+    keys of its global batch in global order (rank 0 writes; a gather of keys per step).
+
+    Global order: micro-step k of all ranks is one contiguous range of the global sample
+    sequence, in which rank r holds positions r, r+R, … (data/loader.py), so the ranks' parts
+    are interleaved with :func:`~megaclass.data.loader.global_order`. On resume the lines after
+    the resumed step are dropped first (a step re-run after the checkpoint writes its line
+    again), like metrics.jsonl.
+    """
+
+    def __init__(self, train_dir: Path, resume_step: int, enabled: bool) -> None:
+        self.path = Path(train_dir) / "batches.jsonl"
+        self._f = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if int(json.loads(line)["step"]) <= resume_step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    pass  # a torn last line
+            write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
+        self._f = open(self.path, "a")  # noqa: SIM115 - kept open for the run
+
+    def log(self, step: int, micro_keys: list[list[str]], env: DistEnv) -> None:
+        parts = [micro_keys]
+        if env.world_size > 1:
+            parts = [None] * env.world_size
+            dist.all_gather_object(parts, micro_keys)
+        if self._f is None:
+            return
+        keys = [k for m in range(len(micro_keys)) for k in global_order([p[m] for p in parts])]
+        self._f.write(json.dumps({"step": step, "keys": keys}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
 
 
 # ======================================================================================
@@ -387,6 +563,7 @@ def build_head(job: TrainJob, env: DistEnv, num_classes: int) -> nn.Module:
         interclass_threshold=tc.interclass_threshold,
         margin_kwargs=margin_kwargs(tc),
         seed=job.seed,
+        dtype=torch.float64 if tc.precision == "fp64" else torch.float32,
         grad_average=True,  # embedding grads × W: the engine's averaging then gives the true gradient
     )
 
@@ -417,9 +594,10 @@ def make_head_optimizer(head: nn.Module, tc: Any) -> torch.optim.Optimizer:
 def build_loader(job: TrainJob, env: DistEnv, transform: Callable) -> Any:
     """The streaming shard loader with label sidecars joined by key (megaclass.data.loader).
 
-    ``drop_last``: the model-parallel head needs the same batch size on every rank. Ranks may
-    see different numbers of batches per epoch; that is fine — the trainer counts optimizer
-    steps, and each rank simply starts its next epoch when its share runs out.
+    Its global batches depend on the seed, the shards, ``train.virtual_streams`` and the
+    global batch size only, so a checkpoint resumes mid-epoch at any world size dividing the
+    streams; every batch is full (the model-parallel head needs the same size on every rank)
+    and all ranks end an epoch together (:func:`step_batches`).
     """
     tc = job.train
     if not job.data.shards:
@@ -432,22 +610,26 @@ def build_loader(job: TrainJob, env: DistEnv, transform: Callable) -> Any:
                 f"train.objective={tc.objective!r} needs label sidecars, but {labels_dir} does "
                 "not exist: run `megaclass assign` first (or set assign.labels_dir)"
             )
-    return TrainLoader(
-        expand_shards(job.data.shards, job.data.allow_pipe_in_lists),
-        tc.micro_batch_size,
-        rank=env.rank,
-        world_size=env.world_size,
-        num_workers=job.data.num_workers,
-        seed=job.seed,
-        transform=transform,
-        labels_dir=labels_dir,
-        centroid_sha=job.centroid_sha if labels_dir else None,
-        num_labels=tc.num_positive_labels if tc.objective == "mlcd" else None,
-        shuffle_buffer=job.data.shuffle_buffer,
-        resampled=job.data.resampled,
-        drop_last=True,
-        max_pixels=job.data.max_image_pixels,
-    )
+    try:
+        return TrainLoader(
+            expand_shards(job.data.shards, job.data.allow_pipe_in_lists),
+            tc.micro_batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            num_workers=job.data.num_workers,
+            seed=job.seed,
+            virtual_streams=tc.virtual_streams,
+            transform=transform,
+            labels_dir=labels_dir,
+            centroid_sha=job.centroid_sha if labels_dir else None,
+            num_labels=tc.num_positive_labels if tc.objective == "mlcd" else None,
+            shuffle_buffer=job.data.shuffle_buffer,
+            resampled=job.data.resampled,
+            drop_last=True,
+            max_pixels=job.data.max_image_pixels,
+        )
+    except VirtualStreamsError as e:
+        raise ConfigError(f"train.virtual_streams: {e}") from e
 
 
 # ======================================================================================
