@@ -28,7 +28,7 @@ from megaclass.core.memory import MemoryPlan
 from megaclass.core.rundir import RunDir
 from megaclass.data.embeddings import fuse, list_stems, metadata_path, open_array, read_keys
 from megaclass.data.labels import file_sha256, label_path, write_labels
-from megaclass.pipelines.config import RunConfig, embeddings_dir_of
+from megaclass.pipelines.config import RunConfig, embeddings_dir_of, write_run_config
 from megaclass.pipelines.ray_session import connect_ray
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def memory_plan(cfg: RunConfig, k: int, d: int) -> MemoryPlan:
 
 def run_assign(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     rd = RunDir(cfg.run_dir)
-    rd.write_config(cfg, force)
+    write_run_config(rd, cfg, force)
     out = rd.labels
     a = cfg.assign
     t0 = time.perf_counter()

@@ -10,9 +10,12 @@ checks live one floor down in ``core/config.py``. Every field carries a docstrin
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from megaclass.clustering.config import AssignConfig, ClusterConfig
 from megaclass.core.config import (
     ConfigError,
@@ -350,3 +353,27 @@ def labels_dir_of(cfg: RunConfig, as_assigned: bool = False) -> Path:
     if cfg.assign.labels_dir:
         return Path(cfg.assign.labels_dir).expanduser()
     return rd.labels
+
+
+ELASTIC_KEYS = ("nproc", "launcher", "micro_batch_size", "grad_accum")
+"""train.* keys that only split the global batch over ranks: a resume may change them (the
+trainer checks that micro_batch_size × grad_accum × ranks, the global batch, is kept)."""
+
+
+def write_run_config(rd: RunDir, cfg: RunConfig, force: bool = False) -> None:
+    """RUN/config.yaml as :meth:`RunDir.write_config` writes it, except that a resume on another
+    number of ranks (train.nproc, micro_batch_size, grad_accum, launcher changed, nothing
+    else) is not a config change: a requeued job that got another node count just goes on
+    (docs/training.md, 'Elastic resume'). Any other difference is refused as before."""
+    if not force and rd.config_path.is_file():
+        old = (yaml.safe_load(rd.config_path.read_text()) or {}).get("train") or {}
+        split = {k: old[k] for k in ELASTIC_KEYS if k in old and old[k] != getattr(cfg.train, k)}
+        if split:
+            probe = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **split))
+            rd.write_config(probe)  # raises ConfigChangedError on any other difference
+            now = {k: getattr(cfg.train, k) for k in split}
+            logging.getLogger(__name__).warning(
+                "train split over ranks changed %s -> %s (elastic resume)", split, now
+            )
+            force = True
+    rd.write_config(cfg, force)

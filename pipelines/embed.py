@@ -73,7 +73,7 @@ from megaclass.data.embeddings import (
     write_embeddings_shard,
 )
 from megaclass.data.stats import SampleStats
-from megaclass.pipelines.config import RunConfig
+from megaclass.pipelines.config import RunConfig, write_run_config
 from megaclass.pipelines.embed_actor import (
     CrashLedger,
     TeacherActor,
@@ -535,7 +535,7 @@ def run_embed(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     rd = RunDir(cfg.run_dir)
-    rd.write_config(cfg, force)
+    write_run_config(rd, cfg, force)
     embed_dir = rd.embed
     embed_dir.mkdir(parents=True, exist_ok=True)
     (embed_dir / "_SUCCESS.json").unlink(missing_ok=True)

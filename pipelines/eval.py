@@ -55,7 +55,7 @@ from megaclass.core.rundir import RunDir
 from megaclass.data.reader import iter_samples
 from megaclass.data.shards import expand_shards
 from megaclass.data.stats import SampleStats
-from megaclass.pipelines.config import RunConfig, config_to_dict
+from megaclass.pipelines.config import RunConfig, config_to_dict, write_run_config
 from megaclass.pipelines.hf_vision import HF_PREFIX, pick_class, read_hf_config
 from megaclass.pipelines.probes import CLASSIFICATION, run_probes
 from megaclass.pipelines.retrieval import (
@@ -382,7 +382,7 @@ def run_eval(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     """Embed the eval set with every configured encoder, compute metrics, write and print them."""
     t_start = time.perf_counter()
     rd = RunDir(cfg.run_dir)
-    rd.write_config(cfg, force)
+    write_run_config(rd, cfg, force)
     out_dir = rd.eval
     out_dir.mkdir(parents=True, exist_ok=True)
     rd.success_path("eval").unlink(missing_ok=True)  # incomplete until the end

@@ -45,7 +45,13 @@ from megaclass.core.rundir import RunDir
 from megaclass.core.stages import PIPELINE, STAGES, load_entry
 from megaclass.data.labels import label_path
 from megaclass.data.shards import expand_shards, shard_stem
-from megaclass.pipelines.config import ConfigError, RunConfig, labels_dir_of, load_config
+from megaclass.pipelines.config import (
+    ConfigError,
+    RunConfig,
+    labels_dir_of,
+    load_config,
+    write_run_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +182,7 @@ def run_pipeline(
 def _run_locked(
     cfg: RunConfig, rd: RunDir, force: bool, stages: tuple[str, ...] | list[str]
 ) -> dict[str, Any]:
-    rd.write_config(cfg, force)
+    write_run_config(rd, cfg, force)
     _pin_local_ray(cfg)
     result: dict[str, Any] = {"run_dir": str(cfg.run_dir), "stages": {}, "interrupted": False}
     t_all = time.time()

@@ -40,6 +40,7 @@ from megaclass.pipelines.config import (
     dump_config,
     labels_dir_of,
     load_config,
+    write_run_config,
 )
 from megaclass.pipelines.export import hub_dataset_ids
 from megaclass.training import checkpoint as ckpt
@@ -96,32 +97,6 @@ def run_train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     if dist.is_initialized():
         dist.barrier()
     return summary
-
-
-ELASTIC_KEYS = ("nproc", "launcher", "micro_batch_size", "grad_accum")
-"""train.* keys that only split the global batch over ranks: a resume may change them (the
-trainer checks that micro_batch_size × grad_accum × ranks, the global batch, is kept)."""
-
-
-def write_run_config(rd: RunDir, cfg: RunConfig, force: bool = False) -> None:
-    """RUN/config.yaml as :meth:`RunDir.write_config` writes it, except that a resume on another
-    number of ranks (train.nproc, micro_batch_size, grad_accum, launcher changed, nothing
-    else) is not a config change: a requeued job that got another node count just goes on
-    (docs/training.md, 'Elastic resume'). Any other difference is refused as before."""
-    import dataclasses
-
-    import yaml
-
-    if not force and rd.config_path.is_file():
-        old = (yaml.safe_load(rd.config_path.read_text()) or {}).get("train") or {}
-        split = {k: old[k] for k in ELASTIC_KEYS if k in old and old[k] != getattr(cfg.train, k)}
-        if split:
-            probe = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **split))
-            rd.write_config(probe)  # raises ConfigChangedError on any other difference
-            now = {k: getattr(cfg.train, k) for k in split}
-            log.warning("train split over ranks changed %s -> %s (elastic resume)", split, now)
-            force = True
-    rd.write_config(cfg, force)
 
 
 def make_job(cfg: RunConfig) -> TrainJob:

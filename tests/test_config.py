@@ -79,6 +79,25 @@ def test_run_dir_ignores_where_it_runs(tmp_path):
         rd.write_config(load_config(None, ["train.steps=7"]))
 
 
+def test_every_stage_accepts_another_split_of_the_global_batch(tmp_path):
+    """A requeued job on another node count (train.nproc / micro_batch_size / grad_accum /
+    launcher) resumes through `megaclass run` and every stage; anything else is still refused."""
+    from megaclass.pipelines.config import write_run_config
+
+    run = f"run_dir={tmp_path / 'run'}"
+    rd = RunDir(tmp_path / "run")
+    write_run_config(rd, load_config(None, [run, "train.nproc=2", "train.micro_batch_size=8"]))
+    RunDir.write_done(rd.embed, "shard-0", {})  # stage output: the config is no longer provisional
+    write_run_config(
+        rd,
+        load_config(None, [run, "train.nproc=1", "train.grad_accum=2", "train.micro_batch_size=8"]),
+    )
+    stored = yaml.safe_load(rd.config_path.read_text())["train"]
+    assert (stored["nproc"], stored["grad_accum"]) == (1, 2)  # the file follows the new split
+    with pytest.raises(ConfigChangedError, match=r"train\.lr"):
+        write_run_config(rd, load_config(None, [run, "train.nproc=2", "train.lr=0.5"]))
+
+
 @pytest.mark.parametrize(
     "overrides, key",
     [
