@@ -10,7 +10,12 @@ Claims measured (issue 5):
      all 4M points assigned through the tree (< 2 min), top-1 agreement vs exact on 10k
      points (≥ 0.95), imbalance of the full assignment.
 
-Usage:  python benchmarks/kmeans.py [--quick] [--skip-scale] [--json OUT]
+Every figure is printed with the CPU model and ISA ([model; avx2/avx512f/amx...; BLAS]); the JSON
+result has them under "machine" (also cache sizes, torch/faiss BLAS and SIMD level, threads).
+
+Usage:  python benchmarks/kmeans.py [--quick] [--skip-scale] [--skip-flat] [--json OUT]
+        --quick: small sizes (flat n=50k, k=512, 3 iterations; scale k=100k from 400k): a smoke
+        test of every path in about a minute on 2 idle cores; not for the targets.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from megaclass.clustering.backends import train_kmeans  # noqa: E402
 from megaclass.clustering.cluster_stats import imbalance  # noqa: E402
 from megaclass.clustering.hierarchical import allocate  # noqa: E402
 from megaclass.clustering.kmeans import KMeansParams, init_centroids  # noqa: E402
-from megaclass.clustering.lloyd import chunked_topk  # noqa: E402
+from megaclass.clustering.lloyd import cache_sizes, chunked_topk, cpu_tile  # noqa: E402
 from megaclass.clustering.search import Tree, tree_topk  # noqa: E402
 from megaclass.clustering.synthetic import planted_sphere  # noqa: E402
 
@@ -93,6 +98,62 @@ class Foreign:
         self.seconds = max(0.0, (self._busy() - self.b0 - own) / self.hz)
 
 
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+
+
+def machine_info() -> dict:
+    """What a figure depends on besides the code: CPU model and ISA (from /proc/cpuinfo), the
+    cache sizes the CPU tiles are derived from, torch's and faiss's BLAS and SIMD level."""
+    model, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown":
+                    model = val.strip()
+                elif key == "flags" and not flags:
+                    flags = set(val.split())
+    except OSError:
+        pass
+    cfg = torch.__config__.show()
+    blas = next(
+        (p.split("=", 1)[1] for p in cfg.replace(",", " ").split() if p.startswith("BLAS_INFO=")),
+        "?",
+    )
+    mkl = next((ln.strip(" -") for ln in cfg.splitlines() if "Math Kernel Library" in ln), "")
+    caches = cache_sizes()
+    return {
+        "cpu_model": model,
+        "isa": [f for f in ISA_FLAGS if f in flags],
+        "cpus": os.cpu_count(),
+        "cache_bytes": {k: v for k, v in caches.items() if k != "source"},
+        "cache_source": caches.get("source"),
+        "cpu_tile_floats_d128": cpu_tile(128),
+        "torch": torch.__version__,
+        "torch_blas": blas + (f" ({mkl})" if mkl else ""),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "faiss": faiss.__version__,
+        "faiss_compile_options": faiss.get_compile_options().strip(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+    }
+
+
+def cpu_tag(m: dict) -> str:
+    """One short tag printed next to every figure."""
+    return f"[{m['cpu_model']}; {'/'.join(m['isa']) or 'no AVX2'}; torch {m['torch_blas'].split(' ')[0]}]"
+
+
 def gemm_rate(n: int = 4096, reps: int = 5) -> float:
     a = torch.randn(n, n)
     b = torch.randn(n, n)
@@ -109,22 +170,38 @@ REPS = 3  # runs per candidate in the flat part
 
 
 def gemm_block_rate(x: np.ndarray, c: np.ndarray, reps: int = 5) -> float:
-    """GEMM rate at the shape our search uses (one row block against all centroids), for
-    reference: not the limit the targets are measured against (that is the square GEMM)."""
-    from megaclass.clustering.lloyd import DEFAULT_BLOCK, _blocks
+    """GEMM rate at the shape of our CPU tiles (one torch tile shape, or faiss's 2048-row tiles
+    where the search dispatches to faiss), run as the search runs them — one single-threaded GEMM
+    per tile on every tile thread at once — for reference: not the limit the targets are
+    measured against (that is the square GEMM)."""
+    from megaclass.clustering.lloyd import (
+        FAISS_TILE_ROWS,
+        _run_tiles,
+        _tile_shape,
+        _use_faiss,
+        tile_threads,
+    )
 
     xt, ct = torch.from_numpy(x), torch.from_numpy(c)
-    rb, kb = _blocks(len(x), len(c), 65536, DEFAULT_BLOCK)
-    out = torch.empty(rb, min(kb, len(c)))
+    if _use_faiss(len(c), x.shape[1], torch.float32, None):
+        rb, kb = min(FAISS_TILE_ROWS, len(x)), len(c)
+    else:
+        rb, kb = _tile_shape(len(x), len(c), x.shape[1], 65536, None)
+    threads = tile_threads(xt)
     xr, cb = xt[:rb], ct[:kb]
-    torch.mm(xr, cb.T, out=out)
+
+    def work(_: int) -> None:
+        out = torch.empty(rb, cb.shape[0])
+        for _ in range(10):
+            torch.mm(xr, cb.T, out=out)
+
+    _run_tiles(threads, work)
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        for _ in range(10):
-            torch.mm(xr, cb.T, out=out)
+        _run_tiles(threads, work)
         best = min(best, (time.perf_counter() - t) / 10)
-    return 2.0 * rb * cb.shape[0] * x.shape[1] / best
+    return 2.0 * rb * cb.shape[0] * x.shape[1] * threads / best
 
 
 def flat_claims(quick: bool) -> dict:
@@ -316,7 +393,10 @@ def main() -> None:
     ap.add_argument("--niter", type=int, default=6)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    res: dict = {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}
+    m = machine_info()
+    tag = cpu_tag(m)
+    res: dict = {"cpus": os.cpu_count(), "machine": m, "load_avg_start": os.getloadavg()}
+    print("machine:", json.dumps(m), flush=True)
     if not args.skip_flat:
         res["flat"] = flat_claims(args.quick)
         print(json.dumps(res["flat"], indent=1), flush=True)
@@ -327,33 +407,43 @@ def main() -> None:
     res["load_avg_end"] = os.getloadavg()
     f = res.get("flat", {})
     s = res.get("scale", {})
-    print("\n== summary ==")
+    print(f"\n== summary == {tag}")
+    print(
+        f"   BLAS: torch {m['torch_blas']} ({m['torch_cpu_capability']}); faiss {m['faiss']} ({m['faiss_compile_options']}); caches {m['cache_bytes']}"
+    )
     if f:
         print(
-            f"GEMM {f['gemm_gflops']:.1f} GFLOP/s (4096², {f['threads']} threads); "
-            f"at our block shape {f['gemm_block_shape_gflops']:.1f}"
+            f"{tag} GEMM {f['gemm_gflops']:.1f} GFLOP/s (4096², {f['threads']} threads); "
+            f"at our tile shape, 1 thread per tile {f['gemm_block_shape_gflops']:.1f}"
         )
         print(
-            f"k-means (lloyd) {f['lloyd']['gflops']:.1f} GFLOP/s = {f['lloyd']['fraction_of_gemm']:.2f} of GEMM (target >= 0.75); median run {f['lloyd']['fraction_of_gemm_median_run']:.2f}"
+            f"{tag} k-means (lloyd) {f['lloyd']['gflops']:.1f} GFLOP/s = {f['lloyd']['fraction_of_gemm']:.2f} of GEMM (target >= 0.75); median run {f['lloyd']['fraction_of_gemm_median_run']:.2f}"
         )
-        print(f"faiss.Kmeans {f['faiss_kmeans']['gflops']:.1f} GFLOP/s")
+        print(f"{tag} faiss.Kmeans {f['faiss_kmeans']['gflops']:.1f} GFLOP/s")
         print(
-            f"distributed(1) / faiss.Kmeans time = {f['distributed_1']['time_ratio_vs_faiss']:.2f} (target <= 1.2); medians {f['distributed_1']['time_ratio_vs_faiss_median_runs']:.2f}"
+            f"{tag} distributed(1) / faiss.Kmeans time = {f['distributed_1']['time_ratio_vs_faiss']:.2f} (target <= 1.2); medians {f['distributed_1']['time_ratio_vs_faiss_median_runs']:.2f}"
         )
         print(
-            f"exact assignment {f['assign_exact']['fraction_of_gemm']:.2f} of GEMM (target >= 0.7); median run {f['assign_exact']['fraction_of_gemm_median_run']:.2f}"
+            f"{tag} exact assignment {f['assign_exact']['fraction_of_gemm']:.2f} of GEMM (target >= 0.7); median run {f['assign_exact']['fraction_of_gemm_median_run']:.2f}"
         )
     if s:
         print(
-            f"hierarchical k={s['k']} from n={s['n']}: {s['hierarchical']['seconds']:.1f} s (target <= 90)"
+            f"{tag} hierarchical k={s['k']} from n={s['n']}: {s['hierarchical']['seconds']:.1f} s (target <= 90)"
+        )
+        h = s["hierarchical"]
+        print(
+            f"   split: level 1 {h['seconds_coarse']:.1f} s, points to groups {h['seconds_group_assign']:.1f} s "
+            f"(search {h['seconds_group_search']:.1f}, sort {h['seconds_group_sort']:.1f}), level 2 {h['seconds_sub']:.1f} s wall = "
+            f"gathers {h['thread_seconds_sub_gather']:.1f} + k-means {h['thread_seconds_sub_kmeans']:.1f} + other "
+            f"{h['thread_seconds_sub_other']:.1f} thread-s on {h['sub_workers']} threads"
         )
         if "faiss_two_level_seconds" in s:
             print(
-                f"plain faiss two-level: {s['faiss_two_level_seconds']:.1f} s; ratio {s['hierarchical_vs_faiss_two_level']:.2f}"
+                f"{tag} plain faiss two-level: {s['faiss_two_level_seconds']:.1f} s; ratio {s['hierarchical_vs_faiss_two_level']:.2f}"
             )
         a = s["assign_all"]
         print(
-            f"assign all through tree (nprobe={a['nprobe']}): {a['seconds']:.1f} s (target < 120), empty {a['empty_clusters']}, imbalance {a['imbalance']:.3f}"
+            f"{tag} assign all through tree (nprobe={a['nprobe']}): {a['seconds']:.1f} s (target < 120), empty {a['empty_clusters']}, imbalance {a['imbalance']:.3f}"
         )
         print(f"top-1 agreement vs exact on 10k: {s['top1_agreement_10k']}")
     print(f"load average start {res['load_avg_start']} end {res['load_avg_end']}")

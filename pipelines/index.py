@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from megaclass.clustering.faiss_import import import_faiss
 from megaclass.core.atomic import atomic_path, write_json_atomic
 from megaclass.core.errors import UserError
 from megaclass.data.reader import iter_samples
@@ -117,7 +118,7 @@ def choose_index(
 def build_faiss_index(x: np.ndarray, choice: dict[str, Any], seed: int = 0) -> Any:
     """A faiss index over the unit rows ``x`` as ``choice`` says (IVF: quantizer trained on a
     seeded sample of at most ``IVF_TRAIN_PER_LIST · nlist`` rows)."""
-    import faiss
+    faiss = import_faiss()
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     d = x.shape[1]
@@ -254,7 +255,7 @@ def build_index(
     force: bool = False,
 ) -> dict[str, Any]:
     """Embed ``shards`` with ``encoder`` and write the index folder ``out``; returns the manifest."""
-    import faiss
+    faiss = import_faiss()
     import megaclass
 
     out = Path(out)

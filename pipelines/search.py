@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from megaclass.clustering.faiss_import import import_faiss
 from megaclass.core.atomic import write_text_atomic
 from megaclass.pipelines.index import (
     INDEX_FILE,
@@ -73,7 +74,7 @@ class SearchIndex:
 
 def open_index(folder: str | Path, nprobe: int | None = None) -> SearchIndex:
     """Open a complete index folder (refused when incomplete, see :func:`read_manifest`)."""
-    import faiss
+    faiss = import_faiss()
 
     folder = Path(folder)
     m = read_manifest(folder)

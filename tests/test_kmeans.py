@@ -6,6 +6,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from megaclass.clustering import lloyd
 from megaclass.clustering.backends import train_kmeans
 from megaclass.clustering.cluster_stats import imbalance, quality, size_stats
 from megaclass.clustering.hierarchical import allocate
@@ -57,6 +58,53 @@ def test_row_argmax_equals_torch_max_including_ties(shape: tuple[int, int]) -> N
         v, i = row_argmax(t)
         v0, i0 = t.max(dim=1)
         assert torch.equal(v, v0) and torch.equal(i, i0)
+
+
+def test_cache_sizes_and_tile_choice() -> None:
+    """The CPU tile comes from the machine's caches (sysfs, sysconf or the fallback constants):
+    twice the L2 in elements, at least MIN_TILE_FLOP of GEMM per tile, >= MIN_TILE_ROWS rows."""
+    c = lloyd.cache_sizes()
+    assert c["L2"] > 0 and c["L3"] > 0 and c["source"] in ("sysfs", "sysconf", "fallback")
+    assert lloyd._read_size("1024K") == 1 << 20 and lloyd._read_size("32M") == 32 << 20
+    xeon = {"L2": 2 << 20, "L3": 105 << 20}
+    assert lloyd.cpu_tile(512, xeon) == int((2 << 20) * lloyd.TILE_L2_FRACTION) // 4
+    assert lloyd.cpu_tile(8, xeon) == lloyd.MIN_TILE_FLOP // 16  # small d: the FLOP floor
+    rb, kb = lloyd._tile_shape(10**6, 10**6, 32, 65536, None)
+    assert rb >= lloyd.MIN_TILE_ROWS and kb <= lloyd.MAX_CENTROID_BLOCK
+
+
+@pytest.mark.parametrize("d,k", [(64, 300), (16, 300), (64, 4100)])
+def test_default_cpu_paths_equal_float64(d: int, k: int) -> None:
+    """The paths the default block takes (d >= 64, k <= 4096: faiss tiles; otherwise torch tiles
+    of the cache-sized shape) on 2 tile threads give the float64 labels, sums and counts; Lloyd
+    partial sums are bit-for-bit repeatable and equal to 1 thread up to float32 rounding."""
+    rng = np.random.default_rng(d + k)
+    x = rng.standard_normal((4200, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    c = x[rng.choice(len(x), k, replace=False)]
+    s = x.astype(np.float64) @ c.astype(np.float64).T
+    ref = s.argmax(1)
+    uses_faiss = lloyd._use_faiss(k, d, torch.float32, None)
+    assert uses_faiss == (d >= lloyd.FAISS_MIN_D and k <= lloyd.FAISS_MAX_K)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lab, sc = chunked_topk(x, c, 1, chunk_size=1000)
+        np.testing.assert_array_equal(lab[:, 0], ref)
+        np.testing.assert_allclose(sc[:, 0], s.max(1), atol=1e-5)
+        sums, counts, obj = assign_reduce(x, c, chunk_size=1000)
+        again = assign_reduce(x, c, chunk_size=1000)
+        np.testing.assert_array_equal(sums, again[0])
+        torch.set_num_threads(1)
+        one = assign_reduce(x, c, chunk_size=1000)
+    finally:
+        torch.set_num_threads(prev)
+    dense = np.zeros((k, d))
+    np.add.at(dense, ref, x.astype(np.float64))
+    for sm, cn, ob in ((sums, counts, obj), one):
+        np.testing.assert_allclose(sm, dense, atol=1e-4)
+        np.testing.assert_array_equal(cn, np.bincount(ref, minlength=k))
+        assert ob == pytest.approx(s.max(1).sum(), rel=1e-6)
 
 
 def test_topk_larger_than_k_is_an_error() -> None:
@@ -156,6 +204,9 @@ def test_hierarchical_resume_after_lost_batches(tmp_path) -> None:
         b.unlink()  # as if killed before these batches finished
     b2 = train_kmeans(x, p, state_dir=tmp_path)
     np.testing.assert_array_equal(a.centroids, b2.centroids)
+    # the level-2 time split is reported (the first run clustered every group itself)
+    assert a.extra["thread_seconds_sub_kmeans"] > 0 and a.extra["thread_seconds_sub_gather"] >= 0
+    assert a.extra["seconds_group_search"] >= 0 and a.extra["sub_workers"] == p.num_workers
     offs = a.extra["group_offsets"]
     assert offs[-1] == 120 and np.all(np.diff(offs) >= 1)
 
