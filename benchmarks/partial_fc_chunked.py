@@ -22,8 +22,7 @@ Step time = median over the timed steps (after warm-up), max over ranks. The GEM
 first (4096×128 · 128×8192 fp32, both ranks at once) shows how busy the machine was.
 
     .venv/bin/python benchmarks/partial_fc_chunked.py                     # the full run (minutes)
-    .venv/bin/python benchmarks/partial_fc_chunked.py --classes 200000 --compare-classes 100000 \\
-        --batch 512 --chunk 1024 --steps 1                           # smoke run, about a minute
+    .venv/bin/python benchmarks/partial_fc_chunked.py --quick            # smoke run, about a minute
 
 ``--device cuda`` (or ``cpu``): one process, no process group, the head's numbers on one
 accelerator for ``--runs CLASSES:GLOBAL_BATCH`` pairs (classes on that device), chunked and
@@ -40,35 +39,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from megaclass.core.net import free_port
+from _common import GB, available_gb, memory_formula, reset_peak, spawn_ranks, status_gb
 
 log = logging.getLogger("benchmarks.partial_fc_chunked")
-GB = 1e9
-
-
-def _status_gb(key: str) -> float:
-    """VmRSS / VmHWM of this process in GB (Linux)."""
-    with open("/proc/self/status") as f:
-        m = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
-    return int(m.group(1)) * 1024 / GB
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where not permitted."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _gemm_rate(reps: int = 3) -> float:
@@ -95,7 +74,7 @@ def _worker(rank: int, world: int, port: int, args, classes: int, chunk, queue) 
     # imports ≈0.15 GB of torch modules; neither belongs to the head's static state.
     gflops = _gemm_rate()
     PartialFC(world, 4).make_optimizer()
-    rss_runtime = _status_gb("VmRSS")
+    rss_runtime = status_gb("VmRSS")
     head = PartialFC(
         classes,
         args.dim,
@@ -108,7 +87,7 @@ def _worker(rank: int, world: int, port: int, args, classes: int, chunk, queue) 
     )
     opt = head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
     opt.state[head.weight]["momentum_buffer"] = torch.zeros_like(head.weight)  # what step 1 makes
-    rss_static = _status_gb("VmRSS")
+    rss_static = status_gb("VmRSS")
     b = args.batch // world
     g = torch.Generator().manual_seed(1234 + rank)
     times, peaks = [], []
@@ -117,14 +96,14 @@ def _worker(rank: int, world: int, port: int, args, classes: int, chunk, queue) 
         x = torch.randn(b, args.dim, generator=g).requires_grad_(True)  # backbone stand-in
         y = torch.randint(0, classes, (b,), generator=g)
         dist.barrier()
-        can_reset = _reset_peak() and can_reset
+        can_reset = reset_peak() and can_reset
         t0 = time.perf_counter()
         loss = head(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         dt = time.perf_counter() - t0
-        peak = _status_gb("VmHWM")
+        peak = status_gb("VmHWM")
         del loss, x
         if i >= args.warmup:
             times.append(dt)
@@ -159,19 +138,7 @@ def _worker(rank: int, world: int, port: int, args, classes: int, chunk, queue) 
 
 def run(args, classes: int, chunk: int | None) -> list[dict]:
     """One (classes, chunk) configuration in fresh rank processes."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_worker, args=(r, args.world, port, args, classes, chunk, q))
-        for r in range(args.world)
-    ]
-    for p in procs:
-        p.start()
-    res = sorted((q.get(timeout=7200) for _ in procs), key=lambda r: r["rank"])
-    for p in procs:
-        p.join()
-    return res
+    return spawn_ranks(_worker, args.world, args, classes, chunk)
 
 
 def estimate_gb(classes: int, args, chunk: int | None) -> tuple[float, float]:
@@ -184,40 +151,16 @@ def estimate_gb(classes: int, args, chunk: int | None) -> tuple[float, float]:
     return static / GB, (block + 4 * s * args.dim * 4) / GB
 
 
-def memory_formula(
-    classes: int, gpus: int, d: int, batch: int, rate: float, chunk: int | None, opt_states: int
-) -> tuple[float, float]:
-    """Bytes per rank (K = 1, fp32): static = C/N·D·4·(1 + optimizer states); working = the
-    logit block, B·chunk·8 (forward block + backward recompute; unchunked: B·S·8, logits and
-    probabilities as in benchmarks/partial_fc.py), plus rows: chunked 3·chunk·D·4 (a chunk's
-    gathered rows, their gradient, its full-width copy) and S·D·4·(1 + optimizer states + 1)
-    (the sampled rows' gradient; the optimizer's gathered weight rows and state rows);
-    unchunked S·D·4·4 (benchmarks/partial_fc.py's count)."""
-    local = classes / gpus
-    s = rate * local
-    static = local * d * 4 * (1 + opt_states)
-    if chunk is None:
-        return static, batch * s * 8 + s * d * 16
-    return static, batch * min(chunk, s) * 8 + 3 * min(chunk, s) * d * 4 + s * d * 4 * (
-        2 + opt_states
-    )
-
-
 def print_memory_table() -> None:
     """The table of BENCHMARKS.md's chunked-logits section (D = 512, B = 32,768, r = 0.1)."""
     print("\nMemory per rank, 100M classes on 64 GPUs, D=512, global batch 32768, r=0.1:")
     for chunk in (None, 32768, 8192, 2048):
         parts = []
         for name, n_states in (("SGD", 1), ("AdamW", 2)):
-            st, wk = memory_formula(100_000_000, 64, 512, 32768, 0.1, chunk, n_states)
+            st, wk = memory_formula(100_000_000, 64, 512, 32768, 0.1, n_states, chunk)
             parts.append(f"{name} {st / GB:5.1f} + {wk / GB:5.2f} GB")
         tag = "unchunked" if chunk is None else f"chunk {chunk:,}"
         print(f"  {tag:<13}: " + " | ".join(parts))
-
-
-def _available_gb() -> float:
-    with open("/proc/meminfo") as f:
-        return int(re.search(r"^MemAvailable:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024 / GB
 
 
 def report(tag: str, res: list[dict]) -> dict:
@@ -356,7 +299,7 @@ def single_main(args) -> None:
             static = classes * args.dim * 4 * 2
             block = batch * (s if chunk is None else min(chunk, s)) * 4
             need = static + 2 * block + 5 * s * args.dim * 4
-            free = torch.cuda.mem_get_info(dev)[0] if cuda else _available_gb() * GB
+            free = torch.cuda.mem_get_info(dev)[0] if cuda else available_gb() * GB
             if need > 0.9 * free:
                 print(f"  {tag}: SKIPPED, needs ≈{need / GB:.0f} GB, {free / GB:.0f} GB free")
                 record["runs"].append({**row, "skipped_need_gb": need / GB})
@@ -392,13 +335,13 @@ def _single_run(dev: torch.device, args, classes: int, batch: int, chunk: int | 
     x = torch.randn(batch, args.dim, device=dev, generator=g).requires_grad_(True)
     y = torch.randint(0, classes, (batch,), device=dev, generator=g)
     _sync(dev)
-    base = torch.cuda.memory_allocated(dev) if cuda else _status_gb("VmRSS") * GB
+    base = torch.cuda.memory_allocated(dev) if cuda else status_gb("VmRSS") * GB
     times = []
     for i in range(args.warmup + args.steps):
         if cuda:
             torch.cuda.reset_peak_memory_stats(dev)
         else:
-            _reset_peak()
+            reset_peak()
         _sync(dev)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -409,7 +352,7 @@ def _single_run(dev: torch.device, args, classes: int, batch: int, chunk: int | 
         _sync(dev)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(dev) if cuda else _status_gb("VmHWM") * GB
+    peak = torch.cuda.max_memory_allocated(dev) if cuda else status_gb("VmHWM") * GB
     ms = statistics.median(times) * 1e3
     return {
         "step_ms": ms,
@@ -456,7 +399,16 @@ def main() -> None:
     )
     ap.add_argument("--tf32", action="store_true", help="--device mode: allow TF32 matmuls")
     ap.add_argument("--json", default=None, help="--device mode: write the results here")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 200,000 classes (and 100,000 for the ratio), global batch 512, "
+        "chunk 1,024, one timed step (≈1 minute)",
+    )
     args = ap.parse_args()
+    if args.quick:
+        args.classes, args.compare_classes, args.batch, args.chunk = 200_000, 100_000, 512, 1024
+        args.steps = 1
     if args.device:
         return single_main(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -478,10 +430,10 @@ def main() -> None:
             need = args.world * (st + wk + 1.0)  # + ≈1 GB runtime and slack per rank
             tag = "unchunked" if chunk is None else f"class_chunk={chunk:,}"
             print(f"  {tag:<22} estimate per rank: static {st:.2f} GB + working {wk:.2f} GB")
-            if need > args.mem_fraction * _available_gb():
+            if need > args.mem_fraction * available_gb():
                 print(
                     f"  {tag:<22} SKIPPED: needs ≈{need:.1f} GB for {args.world} ranks, "
-                    f"{_available_gb():.1f} GB available"
+                    f"{available_gb():.1f} GB available"
                 )
                 continue
             rows[chunk] = report(tag, run(args, classes, chunk))

@@ -462,3 +462,70 @@ def test_stock_optimizer_gets_dense_gradient_until_make_optimizer():
     head.make_optimizer("adamw")
     head(x, y).backward()
     assert head.weight.grad.is_sparse
+
+
+def test_workspace_hands_out_idle_buffers_only():
+    """A scratch buffer comes back only once nothing holds its storage: not while a view of it
+    lives, nor while an autograd graph saved it."""
+    from megaclass.training.optim import Workspace
+
+    ws = Workspace()
+    a = ws.get((4, 5), torch.float32, "cpu")
+    ptr = a.data_ptr()
+    view = a[1:]
+    del a
+    b = ws.get((4, 5), torch.float32, "cpu")  # `view` still uses the first buffer
+    assert b.data_ptr() != ptr
+    del view
+    assert ws.get((2, 10), torch.float32, "cpu").data_ptr() == ptr  # idle again: reused
+    ws = Workspace()
+    x = torch.ones(3, requires_grad=True)
+    two = ws.get((3,), torch.float32, "cpu").fill_(2.0)
+    out = torch.mul(x, two)  # the graph saves `two` for the backward
+    ptr = two.data_ptr()
+    del two
+    assert ws.get((3,), torch.float32, "cpu").data_ptr() != ptr  # still saved: not handed out
+    out.sum().backward()  # the backward reads the saved 2.0s
+    assert torch.equal(x.grad, torch.full((3,), 2.0))
+    del out
+    assert ws.get((3,), torch.float32, "cpu").data_ptr() == ptr
+
+
+@pytest.mark.parametrize("chunk", [None, 40])
+def test_reused_buffers_never_change_a_pending_backward(chunk):
+    """Two forwards before one backward, a no-grad forward in between, then training steps:
+    the head's reused buffers (gathered rows, logits, gradient) give exactly what fresh
+    heads give, and steady-state steps allocate no new buffer."""
+    kw = dict(sample_rate=0.5, margin="arcface", m=0.5, scale=16, dtype=torch.float64)
+    g = torch.Generator().manual_seed(6)
+    data = [
+        (torch.randn(10, 8, generator=g, dtype=torch.float64), torch.randint(0, 300, (10,)))
+        for _ in range(3)
+    ]
+    head = PartialFC(300, 8, class_chunk=chunk, sparse_grad=True, **kw)
+    w0 = head.weight.detach().clone()
+    xs = [x.clone().requires_grad_(True) for x, _ in data]
+    loss = head(xs[0], data[0][1], step=1) + head(xs[1], data[1][1], step=2)
+    with torch.no_grad():
+        head(data[2][0], data[2][1], step=3)
+    loss.backward()
+    want_x, want_w = [], torch.zeros_like(w0)
+    for i in range(2):  # each forward in a fresh head: nothing shared
+        ref = PartialFC(300, 8, class_chunk=chunk, sparse_grad=True, **kw)
+        ref.load_full_weight(w0)
+        x = data[i][0].clone().requires_grad_(True)
+        ref(x, data[i][1], step=i + 1).backward()
+        want_x.append(x.grad)
+        want_w += ref.weight.grad.to_dense()
+    for got, want in zip(xs, want_x):
+        torch.testing.assert_close(got.grad, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(head.weight.grad.to_dense(), want_w, rtol=1e-12, atol=1e-12)
+    # Training steps: after the first, the pool stops growing (every buffer is reused).
+    opt = head.make_optimizer("sgd", lr=0.1)
+    sizes = []
+    for i in range(4):
+        opt.zero_grad(set_to_none=True)
+        head(data[i % 3][0], data[i % 3][1], step=10 + i).backward()
+        opt.step()
+        sizes.append(len(head._ws._bufs))
+    assert sizes[1:] == [sizes[0]] * 3, sizes

@@ -21,7 +21,19 @@ scored a chunk at a time, the softmax statistics merged online across chunks and
 ranks (the same two all-reduces), and the backward recomputes each chunk's logits instead of
 storing them: B × chunk logits and chunk·K gathered rows at a time, for one more GEMM per step
 (:class:`_ChunkPlan`, :class:`_ChunkedMarginCE`, :class:`_ChunkedMultiLabel`). The loss and
-gradients are the unchunked ones; ``class_chunk=None`` runs the unchunked code unchanged.
+gradients are the unchunked ones. ``class_chunk=None`` scores all S sampled classes as one
+block and keeps its logits for the backward (:class:`_BlockMarginCE`,
+:class:`_BlockMultiLabel`: the same plan, one chunk, no recomputation).
+
+Speed on the host (the step's cost besides its three GEMMs, BENCHMARKS.md): the big per-step
+tensors — the S·K × D gathered rows, the B × S logits, the rows' gradient, the optimizer's
+gathered rows — live in buffers reused from step to step
+(:class:`~megaclass.training.optim.Workspace`: a fresh 100 MB tensor costs more in page faults
+than the pass that fills it), the logit scale rides on the first GEMM, the probabilities are never normalised on their own (one
+scaling in the backward), the normalisation backward runs in place in the gradient buffer,
+and the target cosines' gradient is added into that buffer (:class:`_TargetRows`) instead of
+arriving as a second S × D gradient. The head keeps those buffers between steps (on the CPU:
+about 3 × 4·S·K·D + 4·B·S·K bytes; accelerators use their caching allocator instead).
 
 Gradient convention: the loss returned on every rank is the mean over the *global* batch (the
 same value everywhere). The all-gather's backward sums the embedding gradient over ranks and
@@ -60,7 +72,7 @@ from megaclass.training.distributed import (
     rank_world,
 )
 from megaclass.training.margins import Margin, make_margin
-from megaclass.training.optim import RowSparseOptimizer
+from megaclass.training.optim import RowSparseOptimizer, Workspace
 from torch import Tensor, nn
 
 __all__ = ["PartialFC", "SampledState", "shard_range", "step_generator"]
@@ -116,11 +128,24 @@ class _Normalize(torch.autograd.Function):
 
 
 def _gather_normalized(
-    weight: Tensor, rows: Tensor | None, dims: Tensor | None, dtype: torch.dtype
+    weight: Tensor,
+    rows: Tensor | None,
+    dims: Tensor | None,
+    dtype: torch.dtype,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Rows ``rows`` (None = all) and columns ``dims`` (None = all) of ``weight`` in ``dtype``,
     L2-normalised, and their norms. One copy: the normalisation runs in place on it whenever the
-    gather or the cast already made one, and never writes into ``weight`` itself."""
+    gather or the cast already made one, and never writes into ``weight`` itself. ``out``: a
+    buffer of the result's shape to hold that copy (used when no column selection or cast is
+    needed)."""
+    if out is not None and dims is None and weight.dtype == dtype:
+        if rows is None:
+            n = torch.linalg.vector_norm(weight, dim=1, keepdim=True).clamp_min_(1e-12)
+            return torch.div(weight, n, out=out), n
+        w = torch.index_select(weight, 0, rows, out=out)
+        n = torch.linalg.vector_norm(w, dim=1, keepdim=True).clamp_min_(1e-12)
+        return w.div_(n), n
     w = weight if rows is None else weight.index_select(0, rows)
     if dims is not None:
         w = w.index_select(1, dims)
@@ -146,40 +171,26 @@ def _normalized_rows_backward(
     return gx
 
 
-class _GatherNormalize(torch.autograd.Function):
-    """Rows ``rows`` (None = all) and columns ``dims`` (None = all) of ``weight``, L2-normalised,
-    in one copy. The backward returns a *sparse* gradient holding only those rows (pre-sorted,
-    so no coalesce), or a dense one when ``sparse`` is False or every row was taken."""
-
-    @staticmethod
-    def forward(ctx, weight, rows, dims, sparse: bool, dtype: torch.dtype):
-        y, n = _gather_normalized(weight, rows, dims, dtype)
-        ctx.save_for_backward(y, n, rows, dims)
-        ctx.shape, ctx.wdtype, ctx.sparse = weight.shape, weight.dtype, sparse
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        y, n, rows, dims = ctx.saved_tensors
-        gx = _normalized_rows_backward(g, y, n, dims, ctx.shape[1], ctx.wdtype)
-        if rows is None:
-            return gx, None, None, None, None
-        if ctx.sparse:
-            out = torch.sparse_coo_tensor(
-                rows[None], gx, ctx.shape, is_coalesced=True, check_invariants=False
-            )
-        else:
-            out = gx.new_zeros(ctx.shape).index_copy_(0, rows, gx)
-        return out, None, None, None, None
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products of two (N, D) matrices, in blocks of ≈1M elements through one small
+    product buffer: ``torch.linalg.vecdot`` materialises the whole N × D product (a fresh page-
+    faulted tensor, 2x slower than this at S = 50,000, D = 512)."""
+    n, d = a.shape
+    out = a.new_empty(n)
+    step = max(1, (1 << 20) // max(1, d))
+    tmp = a.new_empty((min(step, n), d))
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        t = torch.mul(a[lo:hi], b[lo:hi], out=tmp[: hi - lo])
+        torch.sum(t, dim=1, out=out[lo:hi])
+    return out
 
 
-def _cosines(e_n: Tensor, w_n: Tensor, k: int) -> tuple[Tensor, Tensor | None]:
-    """(B, S) cosines (max over the K sub-centres; argmax kept for the backward), clamped."""
-    cos = torch.mm(e_n, w_n.T)
-    arg = None
-    if k > 1:
-        cos, arg = cos.view(cos.shape[0], -1, k).max(dim=2)
-    return cos.clamp_(-1.0, 1.0), arg
+def _normalized_rows_backward_(g: Tensor, y: Tensor, n: Tensor) -> Tensor:
+    """:func:`_normalized_rows_backward` in place on ``g`` (same dtype, all columns): two passes
+    over the rows and no temporary of their size."""
+    dot = _rowdot(g, y).unsqueeze_(1)
+    return g.addcmul_(y, dot, value=-1.0).div_(n)
 
 
 def _to_subcentres(g: Tensor, k: int, arg: Tensor | None) -> Tensor:
@@ -189,102 +200,6 @@ def _to_subcentres(g: Tensor, k: int, arg: Tensor | None) -> Tensor:
         full = g.new_zeros((g.shape[0], g.shape[1], k))
         g = full.scatter_(2, arg.unsqueeze(2), g.unsqueeze(2)).view(g.shape[0], -1)
     return g
-
-
-def _cosines_backward(g: Tensor, e_n: Tensor, w_n: Tensor, k: int, arg: Tensor | None):
-    g = _to_subcentres(g, k, arg)
-    return torch.mm(g, w_n), torch.mm(g.T, e_n)
-
-
-class _DistMarginCE(torch.autograd.Function):
-    """Softmax cross-entropy over logits split column-wise across ranks.
-
-    Inputs: normalised embeddings ``e_n`` (B, D) and local centres ``w_n`` (S·K, D) whose
-    cosines (max over K) form the (B, S) logit block, ``tgt`` (n,) margined target cosines of
-    the n samples whose class is local (at ``rows``/``cols``). The target entries are replaced by
-    ``tgt`` (their gradient flows through ``tgt``), filtered negatives get logit 0 and no
-    gradient. Returns the mean over the B rows of −log p(target); two all-reduces (B floats, MAX; 2B floats, SUM).
-    """
-
-    @staticmethod
-    def forward(ctx, e_n, w_n, tgt, rows, cols, k, scale, thresh, group, n_rows):
-        logits, arg = _cosines(e_n, w_n, k)
-        filt = None
-        if thresh is not None:
-            filt = logits > thresh
-            filt[rows, cols] = False
-            logits.masked_fill_(filt, 0.0)
-        logits.mul_(scale)
-        logits[rows, cols] = tgt * scale
-        row_max = logits.amax(dim=1)
-        all_reduce_(row_max, _MAX, group)
-        logits.sub_(row_max[:, None]).exp_()
-        stats = torch.zeros((logits.shape[0], 2), dtype=logits.dtype, device=logits.device)
-        stats[:, 0] = logits.sum(dim=1)
-        stats[rows, 1] = tgt * scale
-        all_reduce_(stats, group=group)
-        sum_exp, z_t = stats[:, 0], stats[:, 1]
-        loss = (sum_exp.log() + row_max - z_t).sum() / n_rows
-        logits.div_(sum_exp[:, None])
-        ctx.save_for_backward(e_n, w_n, logits, rows, cols, filt, arg)
-        ctx.scale, ctx.n_rows, ctx.k = scale, n_rows, k
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        e_n, w_n, p, rows, cols, filt, arg = ctx.saved_tensors
-        c = g / ctx.n_rows
-        p.mul_(c)
-        p[rows, cols] -= c
-        grad_tgt = p[rows, cols] * ctx.scale
-        p[rows, cols] = 0.0
-        if filt is not None:
-            p.masked_fill_(filt, 0.0)
-        p.mul_(ctx.scale)
-        ge, gw = _cosines_backward(p, e_n, w_n, ctx.k, arg)
-        return ge, gw, grad_tgt, None, None, None, None, None, None, None
-
-
-class _DistMultiLabel(torch.autograd.Function):
-    """MLCD loss over column-split logits:
-    mean_i [ log(1 + Σ_pos exp(−s_p)) + log(1 + Σ_neg exp(s_n)) ], s = scale·cosine, the
-    positives (``rows``/``cols``) margined (``tgt``); two all-reduces of 2B floats."""
-
-    @staticmethod
-    def forward(ctx, e_n, w_n, tgt, rows, cols, k, scale, group, n_rows):
-        z, arg = _cosines(e_n, w_n, k)
-        b = z.shape[0]
-        z.mul_(scale)
-        z[rows, cols] = -math.inf
-        q = -tgt * scale
-        maxes = torch.zeros((b, 2), dtype=z.dtype, device=z.device)  # the "1" term: max ≥ 0
-        maxes[:, 0] = z.amax(dim=1).clamp_min(0.0)
-        maxes[:, 1] = maxes[:, 1].scatter_reduce(0, rows, q, reduce="amax")
-        all_reduce_(maxes, _MAX, group)
-        m_neg, m_pos = maxes[:, 0], maxes[:, 1]
-        z.sub_(m_neg[:, None]).exp_()
-        e_pos = (q - m_pos[rows]).exp()
-        sums = torch.zeros((b, 2), dtype=z.dtype, device=z.device)
-        sums[:, 0] = z.sum(dim=1)
-        sums[:, 1].index_add_(0, rows, e_pos)
-        all_reduce_(sums, group=group)
-        s_neg = sums[:, 0] + torch.exp(-m_neg)
-        s_pos = sums[:, 1] + torch.exp(-m_pos)
-        loss = (m_neg + s_neg.log() + m_pos + s_pos.log()).sum() / n_rows
-        z.div_(s_neg[:, None])
-        w_pos = e_pos / s_pos[rows]
-        ctx.save_for_backward(e_n, w_n, z, w_pos, arg)
-        ctx.scale, ctx.n_rows, ctx.k = scale, n_rows, k
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        e_n, w_n, z, w_pos, arg = ctx.saved_tensors
-        c = g / ctx.n_rows
-        grad_cos = z.mul_(c * ctx.scale)  # positives are exactly 0 there (exp(−inf))
-        grad_tgt = -w_pos * (c * ctx.scale)
-        ge, gw = _cosines_backward(grad_cos, e_n, w_n, ctx.k, arg)
-        return ge, gw, grad_tgt, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------- class-chunked loss (bounded memory)
@@ -311,6 +226,15 @@ class _ChunkPlan:
     """Compute dtype of the cosines (float32 or better)."""
     pending: Tensor | None = None
     """The loss's gradient buffer between its backward and :class:`_TargetRows`'s."""
+    ws: Workspace | None = None
+    """Scratch buffers reused across steps and chunks (gathered rows, logit blocks, the rows'
+    gradient; :class:`~megaclass.training.optim.Workspace`); None = fresh tensors."""
+
+    def scratch(self, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised buffer: from :attr:`ws` when set, else fresh."""
+        if self.ws is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return self.ws.get(shape, dtype, device)
 
     @property
     def n_classes(self) -> int:
@@ -338,21 +262,42 @@ class _ChunkPlan:
 
     def gather(self, weight: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         """Normalised centre rows of chunk [lo, hi) and their norms ((hi−lo)·K rows)."""
+        out = None
+        if self.ws is not None and self.dims is None and self.wdtype == self.dtype:
+            out = self.ws.get(((hi - lo) * self.k, self.shape[1]), self.dtype, weight.device)
         if self.idx is None:  # contiguous rows: a view, copied once by the cast or the division
             return _gather_normalized(
-                weight[lo * self.k : hi * self.k], None, self.dims, self.dtype
+                weight[lo * self.k : hi * self.k], None, self.dims, self.dtype, out
             )
-        return _gather_normalized(weight, self._rows(lo, hi), self.dims, self.dtype)
+        return _gather_normalized(weight, self._rows(lo, hi), self.dims, self.dtype, out)
 
     def grad_buffer(self, device: torch.device) -> Tensor:
         """The centres' gradient buffer: the sampled rows only (sparse) or the whole shard.
         Uninitialised where the chunks write every row of it (they cover all sampled rows)."""
         if self.idx is not None and self.sparse:
             rows = (self.n_classes * self.k, self.shape[1])
-            return torch.empty(rows, dtype=self.wdtype, device=device)
+            return self.scratch(rows, self.wdtype, device)
         if self.idx is None:
-            return torch.empty(self.shape, dtype=self.wdtype, device=device)
+            return self.scratch(self.shape, self.wdtype, device)
         return torch.zeros(self.shape, dtype=self.wdtype, device=device)
+
+    def block_grad(self, ctx, p: Tensor, e_n: Tensor, y: Tensor, n: Tensor) -> Tensor | None:
+        """The unchunked losses' centre gradient from ``p`` (∂L/∂cosines, B × S·K): the GEMM
+        pᵀ·e_n written straight into the gradient buffer and the normalisation backward run in
+        place there, when the buffer's rows are the block's rows in the compute dtype (sampled
+        rows with a sparse gradient, or all rows); otherwise through a temporary. Returns what
+        :meth:`hand_over` returns."""
+        buf = self.grad_buffer(e_n.device)
+        direct = self.dims is None and self.wdtype == self.dtype
+        direct = direct and (self.idx is None or self.sparse)
+        if direct:
+            _normalized_rows_backward_(torch.mm(p.T, e_n, out=buf), y, n)
+        else:
+            gx = _normalized_rows_backward(
+                torch.mm(p.T, e_n), y, n, self.dims, self.shape[1], self.wdtype
+            )
+            self.put(buf, 0, self.n_classes, gx)
+        return self.hand_over(ctx, buf)
 
     def hand_over(self, ctx, buf: Tensor) -> Tensor | None:
         """End of a chunked loss's backward: the weight gradient to return now, or None when
@@ -432,10 +377,13 @@ def _chunk_targets(cols: Tensor, plan: _ChunkPlan) -> list[Tensor]:
     return list(order.split(counts))
 
 
-def _chunk_cosines(e_n: Tensor, y: Tensor, k: int, want_arg: bool) -> tuple[Tensor, Tensor | None]:
+def _chunk_cosines(
+    e_n: Tensor, y: Tensor, plan: _ChunkPlan, want_arg: bool
+) -> tuple[Tensor, Tensor | None]:
     """(B, chunk) clamped cosines, max over K; the argmax only when the backward needs it (an
-    int64 per logit is twice the logit itself)."""
-    cos = torch.mm(e_n, y.T)
+    int64 per logit is twice the logit itself). The raw products go to a reused buffer."""
+    k = plan.k
+    cos = torch.mm(e_n, y.T, out=plan.scratch((e_n.shape[0], y.shape[0]), e_n.dtype, e_n.device))
     arg = None
     if k > 1:
         cos3 = cos.view(cos.shape[0], -1, k)
@@ -468,7 +416,7 @@ def _backward_chunks(ctx, e_n, weight, rows, cols, lse, cs) -> tuple[Tensor, Ten
     for (lo, hi), sel in zip(plan.spans(), ctx.groups):
         tr, tc = rows[sel], cols[sel] - lo
         y, n = plan.gather(weight, lo, hi)
-        p, arg = _chunk_cosines(e_n, y, plan.k, want_arg=True)
+        p, arg = _chunk_cosines(e_n, y, plan, want_arg=True)
         filt = _filter(p, tr, tc, ctx.thresh)
         torch.add(neg_lse, p, alpha=s, out=p).exp_().mul_(cs)
         p[tr, tc] = 0.0
@@ -482,6 +430,10 @@ def _backward_chunks(ctx, e_n, weight, rows, cols, lse, cs) -> tuple[Tensor, Ten
             del p, arg
             gx = _normalized_rows_backward(gw, y, n, plan.dims, plan.shape[1], plan.wdtype)
             plan.put(buf, lo, hi, gx)
+    if plan.ws is not None:
+        # The chunk blocks go back to the system now: the optimizer's gathered rows (S·K × D)
+        # would not fit in them, and kept next to those they would raise the step's peak.
+        plan.ws.trim()
     return ge, None if buf is None else plan.hand_over(ctx, buf)
 
 
@@ -510,7 +462,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         for (lo, hi), sel in zip(plan.spans(), groups):
             tr, tc = rows[sel], cols[sel] - lo
             y, _ = plan.gather(weight, lo, hi)
-            z, _ = _chunk_cosines(e_n, y, plan.k, want_arg=False)
+            z, _ = _chunk_cosines(e_n, y, plan, want_arg=False)
             del y
             _filter(z, tr, tc, thresh)
             z.mul_(scale)
@@ -558,7 +510,7 @@ class _ChunkedMultiLabel(torch.autograd.Function):
         lse = e_n.new_full((b,), -math.inf)
         for (lo, hi), sel in zip(plan.spans(), groups):
             y, _ = plan.gather(weight, lo, hi)
-            z, _ = _chunk_cosines(e_n, y, plan.k, want_arg=False)
+            z, _ = _chunk_cosines(e_n, y, plan, want_arg=False)
             del y
             z.mul_(scale)
             z[rows[sel], cols[sel] - lo] = -math.inf
@@ -591,6 +543,129 @@ class _ChunkedMultiLabel(torch.autograd.Function):
         cs = g / ctx.n_rows * ctx.scale
         grad_tgt = -w_pos * cs
         ge, gw = _backward_chunks(ctx, e_n, weight, rows, cols, lse, cs)
+        return ge, gw, grad_tgt, None, None, None, None, None, None
+
+
+# ------------------------------------------------------------ the unchunked loss (one block)
+def _block_logits(
+    e_n: Tensor, y: Tensor, plan: _ChunkPlan, scale: float
+) -> tuple[Tensor, Tensor | None]:
+    """(B, S) logits s·clamp(cos, −1, 1) of the whole block (max over the K sub-centres; the
+    argmax kept for the backward): the scale rides on the GEMM (``alpha``) and the clamp is
+    then to ±s, one pass over the block instead of a clamp and a multiplication. The raw
+    products go to the reused ``logits`` buffer (:class:`~megaclass.training.optim.Workspace`)."""
+    b, k = e_n.shape[0], plan.k
+    z = plan.scratch((b, y.shape[0]), e_n.dtype, e_n.device)
+    if scale > 0:
+        torch.addmm(z, e_n, y.T, beta=0, alpha=scale, out=z)
+    else:
+        torch.mm(e_n, y.T, out=z)
+    arg = None
+    if k > 1:
+        z, arg = z.view(b, -1, k).max(dim=2)
+    if scale > 0:
+        return z.clamp_(-scale, scale), arg
+    return z.clamp_(-1.0, 1.0).mul_(scale), arg
+
+
+class _BlockMarginCE(torch.autograd.Function):
+    """Softmax cross-entropy over logits split column-wise across ranks, the S sampled classes
+    of this rank scored in one block (the logits kept for the backward).
+
+    Inputs: normalised embeddings ``e_n`` (B, D); the raw centres ``weight`` whose sampled rows
+    ``plan`` gathers (into a reused buffer) and normalises; ``tgt`` (n,) margined target cosines
+    of the n samples whose class is local (at ``rows``/``cols``), computed by the caller through
+    :class:`_TargetRows`. The target entries are replaced by ``tgt`` (their gradient flows
+    through ``tgt``), filtered negatives get logit 0 and no gradient. Returns the mean over the
+    B rows of −log p(target); two all-reduces (B floats, MAX; 2B floats, SUM).
+
+    Passes over the B × S block: the GEMM (scale included), the clamp, the row max, the shift
+    and the exp, the row sum; in the backward one scaling (by c·s/Σexp, the probabilities never
+    being normalised on their own) and the two GEMMs. The centres' gradient is written by the
+    third GEMM into the gradient buffer that :class:`_TargetRows` completes
+    (:meth:`_ChunkPlan.block_grad`): no S × D zeros for the target side path, no sum of two
+    gradients, nothing to coalesce.
+    """
+
+    @staticmethod
+    def forward(ctx, e_n, weight, tgt, rows, cols, plan, scale, thresh, group, n_rows):
+        y, n = plan.gather(weight, 0, plan.n_classes)
+        z, arg = _block_logits(e_n, y, plan, scale)
+        filt = None
+        if thresh is not None:
+            filt = z > thresh * scale
+            filt[rows, cols] = False
+            z.masked_fill_(filt, 0.0)
+        z_t = tgt * scale
+        z[rows, cols] = z_t
+        row_max = z.amax(dim=1)
+        all_reduce_(row_max, _MAX, group)
+        torch.sub(z, row_max[:, None], out=z).exp_()
+        stats = torch.zeros((z.shape[0], 2), dtype=z.dtype, device=z.device)
+        torch.sum(z, dim=1, out=stats[:, 0])
+        stats[rows, 1] = z_t
+        all_reduce_(stats, group=group)
+        sum_exp = stats[:, 0]
+        loss = (sum_exp.log() + row_max - stats[:, 1]).sum() / n_rows
+        ctx.save_for_backward(e_n, weight, y, n, z, rows, cols, filt, arg, sum_exp)
+        ctx.plan, ctx.scale, ctx.n_rows, ctx.n_targets = plan, scale, n_rows, rows.numel()
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        e_n, weight, y, n, z, rows, cols, filt, arg, sum_exp = ctx.saved_tensors
+        cs = g / ctx.n_rows * ctx.scale
+        p = z.mul_((cs / sum_exp)[:, None])  # c·s·softmax
+        grad_tgt = p[rows, cols] - cs
+        p[rows, cols] = 0.0
+        if filt is not None:
+            p.masked_fill_(filt, 0.0)
+        p = _to_subcentres(p, ctx.plan.k, arg)
+        ge = torch.mm(p, y) if ctx.needs_input_grad[0] else None
+        gw = ctx.plan.block_grad(ctx, p, e_n, y, n) if ctx.needs_input_grad[1] else None
+        return ge, gw, grad_tgt, None, None, None, None, None, None, None
+
+
+class _BlockMultiLabel(torch.autograd.Function):
+    """MLCD loss over column-split logits, one block per rank (see :class:`_BlockMarginCE`):
+    mean_i [ log(1 + Σ_pos exp(−s_p)) + log(1 + Σ_neg exp(s_n)) ], s = scale·cosine, the
+    positives (``rows``/``cols``) margined (``tgt``); two all-reduces of 2B floats."""
+
+    @staticmethod
+    def forward(ctx, e_n, weight, tgt, rows, cols, plan, scale, group, n_rows):
+        y, n = plan.gather(weight, 0, plan.n_classes)
+        z, arg = _block_logits(e_n, y, plan, scale)
+        b = z.shape[0]
+        z[rows, cols] = -math.inf
+        q = -tgt * scale
+        maxes = torch.zeros((b, 2), dtype=z.dtype, device=z.device)  # the "1" term: max ≥ 0
+        maxes[:, 0] = z.amax(dim=1).clamp_min(0.0)
+        maxes[:, 1] = maxes[:, 1].scatter_reduce(0, rows, q, reduce="amax")
+        all_reduce_(maxes, _MAX, group)
+        m_neg, m_pos = maxes[:, 0], maxes[:, 1]
+        torch.sub(z, m_neg[:, None], out=z).exp_()
+        e_pos = (q - m_pos[rows]).exp()
+        sums = torch.zeros((b, 2), dtype=z.dtype, device=z.device)
+        torch.sum(z, dim=1, out=sums[:, 0])
+        sums[:, 1].index_add_(0, rows, e_pos)
+        all_reduce_(sums, group=group)
+        s_neg = sums[:, 0] + torch.exp(-m_neg)
+        s_pos = sums[:, 1] + torch.exp(-m_pos)
+        loss = (m_neg + s_neg.log() + m_pos + s_pos.log()).sum() / n_rows
+        w_pos = e_pos / s_pos[rows]
+        ctx.save_for_backward(e_n, weight, y, n, z, w_pos, arg, s_neg)
+        ctx.plan, ctx.scale, ctx.n_rows, ctx.n_targets = plan, scale, n_rows, rows.numel()
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        e_n, weight, y, n, z, w_pos, arg, s_neg = ctx.saved_tensors
+        cs = g / ctx.n_rows * ctx.scale
+        p = z.mul_((cs / s_neg)[:, None])  # positives are exactly 0 there (exp(−inf))
+        grad_tgt = -w_pos * cs
+        p = _to_subcentres(p, ctx.plan.k, arg)
+        ge = torch.mm(p, y) if ctx.needs_input_grad[0] else None
+        gw = ctx.plan.block_grad(ctx, p, e_n, y, n) if ctx.needs_input_grad[1] else None
         return ge, gw, grad_tgt, None, None, None, None, None, None
 
 
@@ -700,6 +775,7 @@ class PartialFC(nn.Module):
         self.weight = nn.Parameter(weight)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.last_sample: SampledState | None = None
+        self._ws = Workspace()
 
     # ----------------------------------------------------------------------------- helpers
     def extra_repr(self) -> str:
@@ -759,6 +835,7 @@ class PartialFC(nn.Module):
             betas=betas,
             eps=eps,
             update_unsampled=update_unsampled,
+            workspace=self._ws,
         )
 
     def _check_labels(self, labels: Tensor, b: int) -> Tensor:
@@ -851,35 +928,33 @@ class PartialFC(nn.Module):
         with torch.autocast(device_type=device.type, enabled=False):
             e = emb.to(cdtype)
             norms = e.detach().norm(dim=1)
-            wrows = None
-            if idx is not None:
-                wrows = idx if k == 1 else (idx[:, None] * k + torch.arange(k, device=device))
-                wrows = wrows.reshape(-1)
             if dims is not None:
                 dims = dims.to(device)
                 e = e[:, dims]
             e_n = _Normalize.apply(e)
             sparse = self._owns_optimizer if self.sparse_grad is None else self.sparse_grad
-            if not sparse and wrows is not None and not self._warned_dense:
+            if not sparse and idx is not None and not self._warned_dense:
                 self._warned_dense = True
                 log.warning(
                     "PartialFC: dense centre gradients (no head.make_optimizer()): a stock "
                     "optimizer will decay/advance unsampled rows too (PartialFC v2 semantics)"
                 )
-            plan = None
-            if self.class_chunk is None:
-                w_n = _GatherNormalize.apply(self.weight, wrows, dims, sparse, cdtype)
-                # Target cosines through a small side path (no B×S scatter in the backward).
-                w_t = w_n.view(-1, k, w_n.shape[1])[cols]
-            else:
-                plan = _ChunkPlan(
-                    self.weight.shape, self.weight.dtype, k, idx, dims, self.class_chunk,
-                    sparse, cdtype,
-                )  # fmt: skip
-                # Each distinct positive class gathered once, expanded to the positives.
-                uniq, inv = torch.unique(local_cls, return_inverse=True)
-                w_u = _TargetRows.apply(self.weight, uniq, plan)
-                w_t = w_u.view(-1, k, w_u.shape[1])[inv]
+            # One block (the unchunked loss) = one chunk of every sampled class whose logits
+            # are kept, its big buffers reused across steps.
+            n_sampled = self.num_local if idx is None else int(idx.numel())
+            if self.class_chunk is not None:  # bounded memory: reuse within the step only
+                self._ws.trim()
+            plan = _ChunkPlan(
+                self.weight.shape, self.weight.dtype, k, idx, dims,
+                self.class_chunk or max(1, n_sampled), sparse, cdtype,
+                ws=self._ws,
+            )  # fmt: skip
+            # Target cosines through a small side path whose backward adds its rows to the
+            # loss's centre gradient (no S × D zeros, no second gradient to sum): each
+            # distinct positive class gathered once, expanded to the positives.
+            uniq, inv = torch.unique(local_cls, return_inverse=True)
+            w_u = _TargetRows.apply(self.weight, uniq, plan)
+            w_t = w_u.view(-1, k, w_u.shape[1])[inv]
             cos_t = (w_t * e_n[rows, None, :]).sum(dim=2).amax(dim=1).clamp(-1.0, 1.0)
 
             mg = self.margin
@@ -893,28 +968,14 @@ class PartialFC(nn.Module):
             params = mg.prepare(norms=norms, cos_target=cos_global, generator=shared)
             tgt = mg(cos_t, None if params is None else params.to(device)[rows])
 
-            if plan is not None and self.multi_label:
-                return _ChunkedMultiLabel.apply(
+            chunked = self.class_chunk is not None
+            if self.multi_label:
+                fn = _ChunkedMultiLabel if chunked else _BlockMultiLabel
+                return fn.apply(
                     e_n, self.weight, tgt, rows, cols, plan, mg.scale, self.group, n_rows
                 )
-            if plan is not None:
-                return _ChunkedMarginCE.apply(
-                    e_n, self.weight, tgt, rows, cols, plan, mg.scale,
-                    self.interclass_threshold, self.group, n_rows,
-                )  # fmt: skip
-            if self.multi_label:
-                return _DistMultiLabel.apply(
-                    e_n, w_n, tgt, rows, cols, k, mg.scale, self.group, n_rows
-                )
-            return _DistMarginCE.apply(
-                e_n,
-                w_n,
-                tgt,
-                rows,
-                cols,
-                k,
-                mg.scale,
-                self.interclass_threshold,
-                self.group,
-                n_rows,
-            )
+            fn = _ChunkedMarginCE if chunked else _BlockMarginCE
+            return fn.apply(
+                e_n, self.weight, tgt, rows, cols, plan, mg.scale, self.interclass_threshold,
+                self.group, n_rows,
+            )  # fmt: skip

@@ -8,11 +8,73 @@ the rows in the gradient (docs/training.md, "Head optimizer").
 
 from __future__ import annotations
 
+import math
 from itertools import chain
 from typing import Any
 
 import torch
 from torch import Tensor
+
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _storage_users(t: Tensor) -> int:
+    return _storage_use_count(t.untyped_storage()._cdata)
+
+
+class Workspace:
+    """A small pool of scratch buffers reused from one step to the next, on the CPU.
+
+    Why: on the host every fresh tensor of ~100 MB (a partial-FC step's S × D gathered rows, its
+    B × S logit block, the rows' gradient, the optimizer's gathered rows) is a fresh ``mmap``
+    that the kernel faults in and zeroes page by page: measured ≈40 ms per 100 MB, several times
+    the pass that fills it (BENCHMARKS.md, partial-FC step). A buffer is handed out again only
+    when nothing else references its storage — the saved tensors of a forward whose backward
+    has not run, a gradient still held in ``.grad`` — which the storage's reference count says,
+    so reuse never overwrites a live tensor (when every buffer is busy a new one is made). Each
+    hand-out is a new view, which is what makes that count see its holders. The head and its
+    optimizer share one pool: the optimizer's gathered rows reuse the logit and row buffers the
+    finished backward left idle, so the step's peak memory does not grow. On accelerators the
+    caching allocator already reuses memory: there ``get`` allocates normally.
+    """
+
+    max_buffers = 8
+    """Idle buffers beyond this many are dropped (oldest first)."""
+
+    def __init__(self) -> None:
+        self._bufs: list[tuple[Tensor, int]] = []
+
+    def get(self, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised (``torch.empty``-like) tensor of ``shape``."""
+        device = torch.device(device)
+        if device.type != "cpu" or _storage_use_count is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        numel = math.prod(shape)
+        best = None
+        for i, (buf, idle) in enumerate(self._bufs):
+            fits = buf.dtype == dtype and numel <= buf.numel() <= 2 * numel + 4096
+            if fits and (best is None or buf.numel() < self._bufs[best][0].numel()):
+                if _storage_users(buf) <= idle:
+                    best = i
+        if best is None:
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._bufs.append((buf, _storage_users(buf)))
+            if len(self._bufs) > self.max_buffers:
+                for i, (old, idle) in enumerate(self._bufs):
+                    if _storage_users(old) <= idle:
+                        del self._bufs[i]
+                        break
+        else:
+            buf = self._bufs[best][0]
+        return buf[:numel].view(shape)
+
+    def trim(self) -> None:
+        """Drop the idle buffers (their memory goes back to the system)."""
+        self._bufs = [(b, idle) for b, idle in self._bufs if _storage_users(b) > idle]
+
+    def clear(self) -> None:
+        """Drop every buffer (memory goes back once no tensor handed out still uses it)."""
+        self._bufs.clear()
 
 
 class RowSparseOptimizer(torch.optim.Optimizer):
@@ -36,6 +98,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         update_unsampled: bool = False,
+        workspace: Workspace | None = None,
     ) -> None:
         if algo not in ("sgd", "adamw"):
             raise ValueError(f"head optimizer must be 'sgd' or 'adamw', got {algo!r}")
@@ -49,6 +112,7 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             update_unsampled=update_unsampled,
         )
         super().__init__(params, defaults)
+        self._ws = workspace if workspace is not None else Workspace()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, with AdamW's per-row step counts kept int64.
@@ -108,8 +172,8 @@ class RowSparseOptimizer(torch.optim.Optimizer):
         if mu and "momentum_buffer" not in st:
             st["momentum_buffer"] = torch.zeros_like(p)
         if rows is None or group["update_unsampled"]:
-            if rows is None:
-                d = vals.clone()
+            if rows is None:  # a copy only where it is written to (no momentum)
+                d = vals if mu else torch.clone(vals)
             else:
                 d = torch.zeros_like(p).index_add_(0, rows, vals) if not mu else None
             if mu:
@@ -127,17 +191,24 @@ class RowSparseOptimizer(torch.optim.Optimizer):
                     d.add_(p, alpha=wd)
                 p.add_(d, alpha=-lr)
             return
-        w = p.index_select(0, rows)
         if mu:  # buf = μ·buf + g + wd·w ; w -= lr·buf   (torch.optim.SGD's update, rows only)
             buf = st["momentum_buffer"]
-            b = buf.index_select(0, rows).mul_(mu).add_(vals)
+            b = self._gather(buf, rows)
+            torch.add(vals, b, alpha=mu, out=b)
             if wd:
-                b.add_(w, alpha=wd)
+                b.add_(self._gather(p, rows), alpha=wd)
             buf.index_copy_(0, rows, b)
-            w.add_(b, alpha=-lr)
-        else:
-            w.mul_(1.0 - lr * wd).add_(vals, alpha=-lr)
+            p.index_add_(0, rows, b, alpha=-lr)  # rows are unique: w − lr·buf, one pass
+            return
+        w = self._gather(p, rows)
+        w.mul_(1.0 - lr * wd).add_(vals, alpha=-lr)
         p.index_copy_(0, rows, w)
+
+    def _gather(self, src: Tensor, rows: Tensor) -> Tensor:
+        """``src.index_select(0, rows)`` into a reused scratch buffer (see :class:`Workspace`)."""
+        ws = self.__dict__.get("_ws") or self.__dict__.setdefault("_ws", Workspace())  # unpickled
+        out = ws.get((rows.numel(), *src.shape[1:]), src.dtype, src.device)
+        return torch.index_select(src, 0, rows, out=out)
 
     def _adamw(self, p: Tensor, rows: Tensor | None, vals: Tensor, group: dict) -> None:
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
@@ -158,11 +229,11 @@ class RowSparseOptimizer(torch.optim.Optimizer):
             return
         t_r = t.index_select(0, rows).add_(1)
         t.index_copy_(0, rows, t_r)
-        m_r = m.index_select(0, rows).mul_(b1).add_(vals, alpha=1 - b1)
-        v_r = v.index_select(0, rows).mul_(b2).addcmul_(vals, vals, value=1 - b2)
+        m_r = self._gather(m, rows).mul_(b1).add_(vals, alpha=1 - b1)
+        v_r = self._gather(v, rows).mul_(b2).addcmul_(vals, vals, value=1 - b2)
         m.index_copy_(0, rows, m_r)
         v.index_copy_(0, rows, v_r)
-        w = p.index_select(0, rows).mul_(1 - lr * wd)
+        w = self._gather(p, rows).mul_(1 - lr * wd)
         self._adam_apply(w, m_r, v_r, t_r, lr, b1, b2, eps)
         p.index_copy_(0, rows, w)
 
