@@ -175,7 +175,9 @@ def _launch_local(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
     else:
         head = ["-m", "torch.distributed.run", "--nproc_per_node", n, "--master_port", port]
         head += ["-m", "megaclass.pipelines.train"]
-    cmd = [sys.executable, *head, str(rd.config_path)]
+    # run_dir is passed explicitly: RUN/config.yaml keeps the path the run was started under,
+    # and a run directory that was moved or copied must train where it is now
+    cmd = [sys.executable, *head, str(rd.config_path), f"run_dir={rd.root}"]
     with rd.lock(f"megaclass train {rd.config_path} (train.nproc={n})") as held:
         env = dict(os.environ)
         if held is not None:
