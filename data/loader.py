@@ -455,7 +455,12 @@ def _assemble(parts: list[dict[str, Any]], size: int, labelled: bool) -> dict[st
     for p in parts:
         slots = p["slots"]
         if tensor:
-            images[torch.as_tensor(slots)] = p["image"]
+            s0, n = slots[0], len(slots)
+            st = slots[1] - s0 if n > 1 else 1
+            if slots == list(range(s0, s0 + st * n, st)):  # the usual case: every W-th slot
+                images[s0 : s0 + st * (n - 1) + 1 : st] = p["image"]  # a strided copy
+            else:
+                images[torch.as_tensor(slots)] = p["image"]
         for k, j in enumerate(slots):
             keys[j], caps[j] = p["key"][k], p["caption"][k]
             if not tensor:
@@ -506,7 +511,9 @@ class TrainLoader:
             then), so start-up costs no file access per shard — at 41,456 shards on object
             storage the eager check took minutes per rank before the first step.
         seed_transforms: seed torch's RNG per sample so augmentations are reproducible.
-        prefetch_factor, pin_memory, multiprocessing_context: passed to torch DataLoader.
+        prefetch_factor: batches each worker prepares ahead (DataLoader gets ``× workers``
+            items: a worker's item is its share of one batch).
+        pin_memory, multiprocessing_context: passed to torch DataLoader.
     """
 
     def __init__(
@@ -595,7 +602,12 @@ class TrainLoader:
         self.num_workers = workers if num_workers else 0
         self.check_labels = check_labels
         self.dataloader_kwargs = {
-            "prefetch_factor": prefetch_factor if num_workers else None,
+            # a worker's item is its 1/W share of a batch, and every batch waits for all W
+            # shares: W× the items keep as many samples in flight per worker as whole batches
+            # did (2 batches ahead each by default), so one slow worker does not stall the rank
+            "prefetch_factor": prefetch_factor * workers
+            if num_workers and prefetch_factor
+            else None,
             "pin_memory": pin_memory,
             "multiprocessing_context": multiprocessing_context,
         }
