@@ -157,6 +157,14 @@ def _check(cfg: RunConfig, stage: str) -> None:
         raise ConfigError(f"slurm.gpus_per_node: must be >= 0, got {s.gpus_per_node}")
     if tasks_per_node(cfg) < 1:
         raise ConfigError(f"slurm.tasks_per_node: must be >= 1, got {s.tasks_per_node}")
+    world = s.nodes * tasks_per_node(cfg)
+    if stage in ("train", "run") and cfg.train.virtual_streams % world:
+        raise ConfigError(
+            f"train.virtual_streams: {cfg.train.virtual_streams} is not divisible by the job's "
+            f"{world} training ranks (slurm.nodes={s.nodes} x {tasks_per_node(cfg)} per node); "
+            "use a multiple of the largest rank count the run may get (docs/training.md, "
+            "'Elastic resume')"
+        )
     if not 1024 <= s.ray_port_base <= 65535 - 15000:
         raise ConfigError(f"slurm.ray_port_base: must be in 1024..50535, got {s.ray_port_base}")
     if not s.python.strip():

@@ -179,3 +179,16 @@ def test_values_with_spaces_in_shell_positions_are_quoted_and_read_back_by_bash(
     assert f"# Rendered by `megaclass slurm '{tmp_path / 'conf dir' / 'c.yaml'}' --stage run`" in (
         script
     )
+
+
+def test_training_ranks_must_divide_the_virtual_streams(tmp_path):
+    """A job whose rank count does not divide train.virtual_streams would fail only when its
+    ranks start (possibly hours later in the queue): refused when the script is rendered."""
+    cfg = _cfg(tmp_path, nodes=3, tasks_per_node=2)  # 6 ranks, 64 streams
+    with pytest.raises(
+        ConfigError, match=r"^train\.virtual_streams: 64 is not divisible by the job's 6"
+    ):
+        render(cfg, "train", None)
+    render(cfg, "embed", None)  # a Ray stage has no training ranks
+    cfg.train.virtual_streams = 12
+    assert "srun" in render(cfg, "train", None)
