@@ -64,6 +64,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from megaclass.core.workspace import Workspace
 from megaclass.training.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
@@ -72,7 +73,7 @@ from megaclass.training.distributed import (
     rank_world,
 )
 from megaclass.training.margins import Margin, make_margin
-from megaclass.training.optim import RowSparseOptimizer, Workspace
+from megaclass.training.optim import RowSparseOptimizer
 from torch import Tensor, nn
 
 __all__ = ["PartialFC", "SampledState", "shard_range", "step_generator"]
