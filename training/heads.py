@@ -28,7 +28,7 @@ block and keeps its logits for the backward (:class:`_BlockMarginCE`,
 Speed on the host (the step's cost besides its three GEMMs, BENCHMARKS.md): the big per-step
 tensors — the S·K × D gathered rows, the B × S logits, the rows' gradient, the optimizer's
 gathered rows — live in buffers reused from step to step
-(:class:`~megaclass.training.optim.Workspace`: a fresh 100 MB tensor costs more in page faults
+(:class:`~megaclass.core.workspace.Workspace`: a fresh 100 MB tensor costs more in page faults
 than the pass that fills it), the logit scale rides on the first GEMM, the probabilities are never normalised on their own (one
 scaling in the backward), the normalisation backward runs in place in the gradient buffer,
 and the target cosines' gradient is added into that buffer (:class:`_TargetRows`) instead of
@@ -229,7 +229,7 @@ class _ChunkPlan:
     """The loss's gradient buffer between its backward and :class:`_TargetRows`'s."""
     ws: Workspace | None = None
     """Scratch buffers reused across steps and chunks (gathered rows, logit blocks, the rows'
-    gradient; :class:`~megaclass.training.optim.Workspace`); None = fresh tensors."""
+    gradient; :class:`~megaclass.core.workspace.Workspace`); None = fresh tensors."""
 
     def scratch(self, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised buffer: from :attr:`ws` when set, else fresh."""
@@ -554,7 +554,7 @@ def _block_logits(
     """(B, S) logits s·clamp(cos, −1, 1) of the whole block (max over the K sub-centres; the
     argmax kept for the backward): the scale rides on the GEMM (``alpha``) and the clamp is
     then to ±s, one pass over the block instead of a clamp and a multiplication. The raw
-    products go to the reused ``logits`` buffer (:class:`~megaclass.training.optim.Workspace`)."""
+    products go to the reused ``logits`` buffer (:class:`~megaclass.core.workspace.Workspace`)."""
     b, k = e_n.shape[0], plan.k
     z = plan.scratch((b, y.shape[0]), e_n.dtype, e_n.device)
     if scale > 0:
