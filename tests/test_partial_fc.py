@@ -143,10 +143,11 @@ def _dense(g):
 
 def _compare(
     rank, world, name, kw, *, k=1, multi=False, rate=1.0, frate=1.0, thresh=None, c=C, avg=False,
-    chunk=None, sparse=None,
+    chunk=None, sparse=None, row_chunk=None,
 ):  # fmt: skip
     """Run the head on this rank's slice and compare with the reference; returns (fails, info).
-    ``chunk``/``sparse``: the head's ``class_chunk``/``sparse_grad`` (test_partial_fc_chunked.py);
+    ``chunk``/``row_chunk``/``sparse``: the head's ``class_chunk``/``row_chunk``/``sparse_grad``
+    (test_partial_fc_chunked.py);
     ``info`` carries the head's loss and gradients for comparisons between heads."""
     fails: list[str] = []
     seed = zlib.crc32(f"{name}{k}{multi}{rate}".encode()) % 1000
@@ -156,7 +157,7 @@ def _compare(
         c, D, sample_rate=rate, feature_rate=frate, margin=name, scale=SCALE,
         num_subcenters=k, multi_label=multi, interclass_threshold=thresh, seed=SEED,
         dtype=torch.float64, margin_kwargs=kw, grad_average=avg, class_chunk=chunk,
-        sparse_grad=sparse,
+        sparse_grad=sparse, row_chunk=row_chunk,
     )  # fmt: skip
     head.load_full_weight(w)
     x = emb[rank * b : (rank + 1) * b].clone().requires_grad_(True)
@@ -179,7 +180,10 @@ def _compare(
     er = emb.clone().requires_grad_(True)
     ref = ref_loss(name, kw, er, wr, labels, classes=classes, dims=st.dims, thresh=thresh)
     ref.backward()
-    tag = f"{name} k={k} multi={multi} r={rate} f={frate} chunk={chunk} rank={rank}/{world}"
+    tag = (
+        f"{name} k={k} multi={multi} r={rate} f={frate} chunk={chunk} rows={row_chunk} "
+        f"rank={rank}/{world}"
+    )
     _close(loss.detach(), ref.detach(), f"{tag} loss", fails)
     factor = world if avg else 1  # grad_average=True: ready for DDP-style averaging
     _close(x.grad, factor * er.grad[rank * b : (rank + 1) * b], f"{tag} d/d embeddings", fails)

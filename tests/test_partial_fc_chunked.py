@@ -42,6 +42,19 @@ CASES: list[tuple[str, dict]] = [
     ("cosface", {"multi": True, "c": 24, "chunk": 3, "sparse": True}),
     ("arcface", {"multi": True, "k": 3, "chunk": 4}),
     ("arcface", {"multi": True, "rate": 0.4, "frate": 0.5, "c": 61, "chunk": 4, "sparse": True}),
+    # Row chunks (gradients in the forward): the global batch of 12 rows in chunks of 1, 5
+    # (a shorter last chunk) and 4 (even; at 4 ranks one chunk per rank's rows).
+    ("arcface", {"row_chunk": 5}),
+    ("arcface", {"row_chunk": 1, "sparse": True}),
+    ("cosface", {"row_chunk": 4, "avg": True}),
+    ("arcface", {"k": 3, "c": 24, "row_chunk": 5, "sparse": True}),
+    ("cosface", {"thresh": 0.2, "c": 24, "row_chunk": 4, "k": 3}),
+    ("elastic_arc_plus", {"row_chunk": 5}),
+    ("arcface", {"rate": 0.4, "frate": 0.5, "c": 61, "row_chunk": 5, "sparse": True}),
+    ("cosface", {"rate": 0.4, "c": 61, "k": 2, "row_chunk": 4}),
+    ("arcface", {"multi": True, "row_chunk": 5}),
+    ("arcface", {"multi": True, "k": 3, "row_chunk": 4, "sparse": True}),
+    ("arcface", {"multi": True, "rate": 0.4, "frate": 0.5, "c": 61, "row_chunk": 1}),
 ]
 TOL_HEADS = 1e-12
 
@@ -55,7 +68,7 @@ def _check_case(h: dict, rank: int, world: int, name: str, opts: dict) -> tuple[
     """Chunked head vs the reference, then vs the unchunked head on the same data and draws."""
     kw = h["MARGIN_CASES"][name]
     fails, got = h["_compare"](rank, world, name, kw, **opts)
-    base_opts = {**opts, "chunk": None}
+    base_opts = {**opts, "chunk": None, "row_chunk": None}
     fails += h["_compare"](rank, world, name, kw, **base_opts)[0]
     _, want = h["_compare"](rank, world, name, kw, **base_opts)
     tag = f"{name} {opts} rank={rank}/{world}: chunked vs unchunked"
@@ -65,7 +78,7 @@ def _check_case(h: dict, rank: int, world: int, name: str, opts: dict) -> tuple[
         fails.append(f"{tag}: gradient sparse={got['sparse_grad']} vs {want['sparse_grad']}")
     if opts.get("sparse") and opts.get("rate", 1.0) < 1 and not got["sparse_grad"]:
         fails.append(f"{tag}: sparse_grad=True with sampling gave a dense gradient")
-    return fails, {"n_sampled": got["n_sampled"], "chunk": opts["chunk"]}
+    return fails, {"n_sampled": got["n_sampled"], "chunk": opts.get("chunk")}
 
 
 def _no_positive_rank(h: dict, rank: int, world: int, multi: bool) -> list[str]:
@@ -124,6 +137,7 @@ def test_distributed_chunked_equals_reference_and_unchunked(world):
     assert not fails, "\n".join(fails)
     shapes = [s for r in results for s in r["shapes"]]
     assert len(shapes) == world * len(CASES)
+    shapes = [s for s in shapes if s["chunk"] is not None]  # class chunks
     # The cases exercised both an even split into several chunks and a shorter last chunk.
     even = [s for s in shapes if s["n_sampled"] % s["chunk"] == 0 and s["n_sampled"] > s["chunk"]]
     ragged = [s for s in shapes if s["n_sampled"] % s["chunk"] and s["n_sampled"] > s["chunk"]]
@@ -147,23 +161,25 @@ class _LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_chunked_working_set_has_no_batch_by_classes_block(k):
-    """The memory claim, structurally: with the chunk, no tensor of the step (forward and
-    backward) is larger than B × chunk·K or the static (C_local·K, D) shard; without it the
-    B × S block appears. (Sizes chosen so that B × S dwarfs both bounds.)"""
-    c, d, b, chunk = 3000, 8, 64, 100
+    """The memory claim, structurally: with class chunks no tensor of the step (forward and
+    backward) is larger than B × chunk·K or the static (C_local·K, D) shard; with row chunks
+    none is larger than rows × S·K or that shard; without either the B × S block appears.
+    (Sizes chosen so that B × S dwarfs every bound.)"""
+    c, d, b, chunk, rows = 3000, 8, 64, 100, 8
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, d, generator=g)
     y = torch.randint(0, c, (b,), generator=g)
     largest = {}
-    for ch in (None, chunk):
-        head = PartialFC(c, d, sample_rate=0.5, num_subcenters=k, class_chunk=ch, sparse_grad=True)
+    for mode, kw in (("none", {}), ("class", {"class_chunk": chunk}), ("row", {"row_chunk": rows})):
+        head = PartialFC(c, d, sample_rate=0.5, num_subcenters=k, sparse_grad=True, **kw)
         xg = x.clone().requires_grad_(True)
-        with _LargestTensor() as mode:
+        with _LargestTensor() as mode_:
             head(xg, y, step=1).backward()
-        largest[ch] = mode.largest
+        largest[mode] = mode_.largest
     s = int(0.5 * c)  # sampled classes (the 64 positives fit in the budget)
-    assert largest[None] >= b * s * k
-    assert largest[chunk] <= max(b * chunk * k, c * k * d), largest
+    assert largest["none"] >= b * s * k
+    assert largest["class"] <= max(b * chunk * k, c * k * d), largest
+    assert largest["row"] <= max(rows * s * k, c * k * d), largest
 
 
 class _SparseOps(TorchDispatchMode):
@@ -179,8 +195,9 @@ class _SparseOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("chunk", [{"class_chunk": 37}, {"row_chunk": 5}], ids=["class", "row"])
 @pytest.mark.parametrize("algo", ["sgd", "adamw"])
-def test_chunked_training_steps_equal_unchunked(algo):
+def test_chunked_training_steps_equal_unchunked(algo, chunk):
     """Three optimizer steps with the row-sparse optimizer (sparse gradients from the chunks and
     from the target side path, summed by autograd and coalesced by the optimizer) move the
     centres exactly as the unchunked head does."""
@@ -193,10 +210,10 @@ def test_chunked_training_steps_equal_unchunked(algo):
             m=0.5,
             scale=32,
             num_subcenters=2,
-            class_chunk=ch,
             dtype=torch.float64,
+            **kw,
         )  # fmt: skip
-        for ch in (None, 37)
+        for kw in ({}, chunk)
     ]
     heads[1].load_state_dict(heads[0].state_dict())
     opts = [h.make_optimizer(algo, lr=0.1, weight_decay=5e-4) for h in heads]
@@ -228,28 +245,64 @@ def test_frozen_centres_chunked_equals_unchunked():
     """Centres frozen (no weight gradient wanted): the chunked backward skips the centre GEMM
     and still gives the unchunked embedding gradient."""
     grads = []
-    for ch in (None, 7):
-        head = PartialFC(200, 8, sample_rate=0.3, num_subcenters=2, class_chunk=ch,
-                         dtype=torch.float64)  # fmt: skip
+    for kw in ({}, {"class_chunk": 7}, {"row_chunk": 3}):
+        head = PartialFC(200, 8, sample_rate=0.3, num_subcenters=2, dtype=torch.float64, **kw)
         head.weight.requires_grad_(False)
         g = torch.Generator().manual_seed(4)
         x = torch.randn(10, 8, generator=g, dtype=torch.float64).requires_grad_(True)
         head(x, torch.randint(0, 200, (10,), generator=g), step=2).backward()
         assert head.weight.grad is None
         grads.append(x.grad)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+    for got in grads[1:]:
+        torch.testing.assert_close(got, grads[0], rtol=1e-12, atol=1e-12)
 
 
-def test_class_chunk_validated_and_reaches_the_head_from_the_config():
+@pytest.mark.parametrize("multi", [False, True])
+@pytest.mark.parametrize("row_chunk", [None, 4])
+def test_row_chunked_gradients_follow_the_upstream_gradient(row_chunk, multi):
+    """The row-chunked loss computes its gradients in the forward for an upstream gradient of
+    1: the backward must scale them by the one it gets (a loss scale, a weighted sum), and a
+    forward under no_grad (evaluation) must give the same loss without computing them."""
+    c, d, b = 300, 8, 10
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(b, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, c, (b, 2) if multi else (b,), generator=g)
+    out = []
+    for factor in (1.0, 3.5):
+        head = PartialFC(c, d, sample_rate=0.3, num_subcenters=2, multi_label=multi,
+                         row_chunk=row_chunk, dtype=torch.float64, sparse_grad=True)  # fmt: skip
+        xg = x.clone().requires_grad_(True)
+        loss = head(xg, y, step=3)
+        (factor * loss).backward()
+        with torch.no_grad():
+            again = head(x, y, step=3)
+        assert again.item() == pytest.approx(loss.item(), rel=1e-14)
+        out.append((xg.grad, head.weight.grad.to_dense()))
+    for one, scaled in zip(*out):
+        torch.testing.assert_close(scaled, 3.5 * one, rtol=1e-12, atol=1e-14)
+        assert one.abs().sum() > 0
+
+
+def test_chunks_validated_and_reach_the_head_from_the_config():
     with pytest.raises(ValueError, match="class_chunk must be >= 1"):
         PartialFC(10, 4, class_chunk=0)
+    with pytest.raises(ValueError, match="row_chunk must be >= 1"):
+        PartialFC(10, 4, row_chunk=0)
+    with pytest.raises(ValueError, match="exclude each other"):
+        PartialFC(10, 4, row_chunk=8, class_chunk=8)
     from megaclass.pipelines.config import load_config
     from megaclass.training.config import TrainJob
     from megaclass.training.engine import DistEnv
     from megaclass.training.trainer import build_head
 
     env = DistEnv(0, 0, 1, torch.device("cpu"), "gloo")
-    for over, want in (([], None), (["train.head_class_chunk=64"], 64)):
+    cases = (
+        ([], (None, None)),
+        (["train.head_class_chunk=64"], (64, None)),
+        (["train.head_row_chunk=32"], (None, 32)),
+    )
+    for over, want in cases:
         cfg = load_config(None, ["train.embed_dim=4", *over])
         job = TrainJob(cfg.train, cfg.data, cfg.seed, Path("/nonexistent"), num_classes=8)
-        assert build_head(job, env, 8).class_chunk == want
+        head = build_head(job, env, 8)
+        assert (head.class_chunk, head.row_chunk) == want

@@ -81,7 +81,13 @@ class TrainConfig:
     """Partial-FC head: score each rank's sampled classes in chunks of this many and recompute
     each chunk's logits in the backward, so the head's working memory is bounded by global batch
     x head_class_chunk instead of global batch x sampled classes (for 10M+ classes; same loss and
-    gradients, one more matmul per step). None: one block (docs/training.md, partial-FC head)."""
+    gradients, one more matmul per step). For when even the sampled rows (r·C/N × D) are too
+    many; head_row_chunk is faster. None: one block (docs/training.md, partial-FC head)."""
+    head_row_chunk: int | None = None
+    """Partial-FC head: score the global batch's rows this many at a time against all sampled
+    classes and compute their gradients at once, so the logit block is head_row_chunk x sampled
+    classes instead of global batch x sampled classes; no extra matmul, same loss and gradients.
+    Excludes head_class_chunk. None: all rows at once (docs/training.md, partial-FC head)."""
     head_update_unsampled: bool = False
     """Head optimizer also decays/advances momentum of unsampled class rows (Partial FC v2); False = only sampled rows change (v1)."""
     num_positive_labels: int = 8
@@ -199,6 +205,10 @@ def margin_option_errors(tc: TrainConfig) -> list[str]:
         out.append(f"train.adaface_t_alpha: must be in (0, 1], got {tc.adaface_t_alpha}")
     if tc.head_class_chunk is not None and tc.head_class_chunk < 1:
         out.append(f"train.head_class_chunk: must be >= 1 or null, got {tc.head_class_chunk}")
+    if tc.head_row_chunk is not None and tc.head_row_chunk < 1:
+        out.append(f"train.head_row_chunk: must be >= 1 or null, got {tc.head_row_chunk}")
+    if tc.head_row_chunk is not None and tc.head_class_chunk is not None:
+        out.append("train.head_row_chunk: excludes train.head_class_chunk; set one of them")
     if tc.precision == "fp64" and tc.zero_stage != 0:
         out.append(f"train.precision: fp64 runs with train.zero_stage=0 only, got {tc.zero_stage}")
     if tc.virtual_streams < 1:
@@ -208,8 +218,9 @@ def margin_option_errors(tc: TrainConfig) -> list[str]:
             f"train.virtual_streams: {tc.virtual_streams} is not divisible by train.nproc="
             f"{tc.nproc} (each rank reads an equal share of the virtual streams)"
         )
-    if tc.head_class_chunk is not None and tc.objective == "siglip":
-        out.append("train.head_class_chunk: siglip has no class head; remove it")
+    for key in ("head_class_chunk", "head_row_chunk"):
+        if getattr(tc, key) is not None and tc.objective == "siglip":
+            out.append(f"train.{key}: siglip has no class head; remove it")
     return out
 
 

@@ -15,25 +15,33 @@ Dual random selection (Unicom):
   and the centres are renormalised inside that subspace.
 The draws of the last forward are exposed as :attr:`PartialFC.last_sample`.
 
-Chunked logits (``class_chunk``): the B × S logit block (every rank scores the whole global
-batch) dominates the working memory at 10M+ classes. With a chunk size the sampled classes are
-scored a chunk at a time, the softmax statistics merged online across chunks and then across
-ranks (the same two all-reduces), and the backward recomputes each chunk's logits instead of
-storing them: B × chunk logits and chunk·K gathered rows at a time, for one more GEMM per step
-(:class:`_ChunkPlan`, :class:`_ChunkedMarginCE`, :class:`_ChunkedMultiLabel`). The loss and
-gradients are the unchunked ones. ``class_chunk=None`` scores all S sampled classes as one
-block and keeps its logits for the backward (:class:`_BlockMarginCE`,
-:class:`_BlockMultiLabel`: the same plan, one chunk, no recomputation).
+The loss (:class:`_RowChunkedLoss`): every rank scores the global batch's rows against all its
+S sampled classes, ``row_chunk`` rows at a time (default: all B at once). A chunk of rows
+against every class has complete softmax statistics once its two all-reduces ran (row max, then
+sum-exp and target logit), so its gradients are computed right there, in the forward: the
+embedding rows' p·Y, and pᵀ·e_n accumulated into the centres' gradient; the backward only
+scales them by the upstream gradient. Three GEMMs per step, whatever the chunk; the working
+set is ``row_chunk`` × S logits next to the S·K × D gathered rows and their gradient, which at
+10M+ classes and large batches is what keeps the head in memory.
+
+Class chunks (``class_chunk``, :class:`_ChunkedMarginCE`, :class:`_ChunkedMultiLabel`): for when
+even the S·K × D gathered rows are too many. The sampled classes are scored a chunk at a time,
+the softmax statistics merged online across chunks and then across ranks, and the backward
+recomputes each chunk's logits (the centres' gradient of a chunk needs every row's global
+normaliser, known only after all chunks): B × chunk logits and chunk·K gathered rows at a
+time, for a fourth GEMM per step. Both give the unchunked loss and gradients
+(tests/test_partial_fc_chunked.py).
 
 Speed on the host (the step's cost besides its three GEMMs, BENCHMARKS.md): the big per-step
-tensors — the S·K × D gathered rows, the B × S logits, the rows' gradient, the optimizer's
+tensors — the S·K × D gathered rows, the logit block, the rows' gradient, the optimizer's
 gathered rows — live in buffers reused from step to step
 (:class:`~megaclass.core.workspace.Workspace`: a fresh 100 MB tensor costs more in page faults
-than the pass that fills it), the logit scale rides on the first GEMM, the probabilities are never normalised on their own (one
-scaling in the backward), the normalisation backward runs in place in the gradient buffer,
-and the target cosines' gradient is added into that buffer (:class:`_TargetRows`) instead of
-arriving as a second S × D gradient. The head keeps those buffers between steps (on the CPU:
-about 3 × 4·S·K·D + 4·B·S·K bytes; accelerators use their caching allocator instead).
+than the pass that fills it), the logit scale rides on the first GEMM, the probabilities are
+never normalised on their own (one scaling), the normalisation backward runs in place in the
+gradient buffer, and the target cosines' gradient is added into that buffer
+(:class:`_TargetRows`) instead of arriving as a second S × D gradient. The head keeps those
+buffers between steps (on the CPU: about 3 × 4·S·K·D + 4·b·S·K bytes, b = the rows scored at
+once; accelerators use their caching allocator instead).
 
 Gradient convention: the loss returned on every rank is the mean over the *global* batch (the
 same value everywhere). The all-gather's backward sums the embedding gradient over ranks and
@@ -282,23 +290,28 @@ class _ChunkPlan:
             return self.scratch(self.shape, self.wdtype, device)
         return torch.zeros(self.shape, dtype=self.wdtype, device=device)
 
-    def block_grad(self, ctx, p: Tensor, e_n: Tensor, y: Tensor, n: Tensor) -> Tensor | None:
-        """The unchunked losses' centre gradient from ``p`` (∂L/∂cosines, B × S·K): the GEMM
-        pᵀ·e_n written straight into the gradient buffer and the normalisation backward run in
-        place there, when the buffer's rows are the block's rows in the compute dtype (sampled
-        rows with a sparse gradient, or all rows); otherwise through a temporary. Returns what
-        :meth:`hand_over` returns."""
-        buf = self.grad_buffer(e_n.device)
-        direct = self.dims is None and self.wdtype == self.dtype
-        direct = direct and (self.idx is None or self.sparse)
-        if direct:
-            _normalized_rows_backward_(torch.mm(p.T, e_n, out=buf), y, n)
-        else:
-            gx = _normalized_rows_backward(
-                torch.mm(p.T, e_n), y, n, self.dims, self.shape[1], self.wdtype
-            )
-            self.put(buf, 0, self.n_classes, gx)
-        return self.hand_over(ctx, buf)
+    def _direct(self) -> bool:
+        """The gradient buffer's rows are the gathered block's rows, in the compute dtype."""
+        return self.dims is None and self.wdtype == self.dtype and (self.idx is None or self.sparse)
+
+    def product_buffer(self, device: torch.device, width: int) -> Tensor:
+        """Where :class:`_RowChunkedLoss` accumulates pᵀ·e_n (∂L/∂ the normalised gathered rows,
+        S·K × ``width``): the centres' gradient buffer itself when :meth:`_direct`, so that
+        the normalisation backward then runs in place there; else a temporary."""
+        if self._direct():
+            return self.grad_buffer(device)
+        return torch.empty((self.n_classes * self.k, width), dtype=self.dtype, device=device)
+
+    def rows_grad(self, acc: Tensor, y: Tensor, n: Tensor, device: torch.device) -> Tensor:
+        """The centres' gradient buffer from the accumulated :meth:`product_buffer`: the
+        normalisation backward of the gathered rows ``y`` (norms ``n``), in place when
+        :meth:`_direct`; the buffer :meth:`hand_over` then hands to autograd."""
+        if self._direct():
+            return _normalized_rows_backward_(acc, y, n)
+        gx = _normalized_rows_backward(acc, y, n, self.dims, self.shape[1], self.wdtype)
+        buf = self.grad_buffer(device)
+        self.put(buf, 0, self.n_classes, gx)
+        return buf
 
     def hand_over(self, ctx, buf: Tensor) -> Tensor | None:
         """End of a chunked loss's backward: the weight gradient to return now, or None when
@@ -547,14 +560,14 @@ class _ChunkedMultiLabel(torch.autograd.Function):
         return ge, gw, grad_tgt, None, None, None, None, None, None
 
 
-# ------------------------------------------------------------ the unchunked loss (one block)
+# ------------------------------------------- the row-chunked loss (gradients in the forward)
 def _block_logits(
     e_n: Tensor, y: Tensor, plan: _ChunkPlan, scale: float
 ) -> tuple[Tensor, Tensor | None]:
-    """(B, S) logits s·clamp(cos, −1, 1) of the whole block (max over the K sub-centres; the
-    argmax kept for the backward): the scale rides on the GEMM (``alpha``) and the clamp is
-    then to ±s, one pass over the block instead of a clamp and a multiplication. The raw
-    products go to the reused ``logits`` buffer (:class:`~megaclass.core.workspace.Workspace`)."""
+    """(b, S) logits s·clamp(cos, −1, 1) of rows ``e_n`` against every sampled class (max over
+    the K sub-centres, with its argmax): the scale rides on the GEMM (``alpha``) and the clamp
+    is then to ±s, one pass over the block instead of a clamp and a multiplication. The raw
+    products go to a reused buffer (:class:`~megaclass.core.workspace.Workspace`)."""
     b, k = e_n.shape[0], plan.k
     z = plan.scratch((b, y.shape[0]), e_n.dtype, e_n.device)
     if scale > 0:
@@ -569,105 +582,147 @@ def _block_logits(
     return z.clamp_(-1.0, 1.0).mul_(scale), arg
 
 
-class _BlockMarginCE(torch.autograd.Function):
-    """Softmax cross-entropy over logits split column-wise across ranks, the S sampled classes
-    of this rank scored in one block (the logits kept for the backward).
+def _row_groups(rows: Tensor, b: int, chunk: int) -> list[tuple[int, int, Tensor]]:
+    """(first row, end row, positions of the target entries in those rows) for each chunk of
+    ``chunk`` rows of the global batch. One host sync (the per-chunk counts)."""
+    starts = range(0, b, chunk)
+    cid = torch.div(rows, chunk, rounding_mode="floor")
+    order = torch.argsort(cid, stable=True)
+    counts = torch.bincount(cid, minlength=len(starts)).tolist()
+    return [(lo, min(lo + chunk, b), sel) for lo, sel in zip(starts, order.split(counts))]
 
-    Inputs: normalised embeddings ``e_n`` (B, D); the raw centres ``weight`` whose sampled rows
-    ``plan`` gathers (into a reused buffer) and normalises; ``tgt`` (n,) margined target cosines
-    of the n samples whose class is local (at ``rows``/``cols``), computed by the caller through
-    :class:`_TargetRows`. The target entries are replaced by ``tgt`` (their gradient flows
-    through ``tgt``), filtered negatives get logit 0 and no gradient. Returns the mean over the
-    B rows of −log p(target); two all-reduces (B floats, MAX; 2B floats, SUM).
 
-    Passes over the B × S block: the GEMM (scale included), the clamp, the row max, the shift
-    and the exp, the row sum; in the backward one scaling (by c·s/Σexp, the probabilities never
-    being normalised on their own) and the two GEMMs. The centres' gradient is written by the
-    third GEMM into the gradient buffer that :class:`_TargetRows` completes
-    (:meth:`_ChunkPlan.block_grad`): no S × D zeros for the target side path, no sum of two
-    gradients, nothing to coalesce.
+def _margin_ce_rows(z, tr, tc, tgt, scale, thresh, group, cs, want_p):
+    """Softmax cross-entropy of a chunk of rows whose (b, S) logits ``z`` are split column-wise
+    across ranks. The targets at ``tr``/``tc`` are replaced by ``scale·tgt`` (their gradient
+    flows through ``tgt``), filtered negatives get logit 0 and no gradient. Two all-reduces (b
+    floats, MAX; 2b floats, SUM). Returns (sum over the rows of −log p(target), ∂/∂tgt, and —
+    when ``want_p`` — ∂/∂cosines written over ``z``: cs·softmax, zero at targets and filtered
+    entries; ``cs`` = s/B, the gradient for an upstream gradient of 1)."""
+    filt = None
+    if thresh is not None:
+        filt = z > thresh * scale
+        filt[tr, tc] = False
+        z.masked_fill_(filt, 0.0)
+    z_t = tgt * scale
+    z[tr, tc] = z_t
+    row_max = z.amax(dim=1)
+    all_reduce_(row_max, _MAX, group)
+    torch.sub(z, row_max[:, None], out=z).exp_()
+    stats = torch.zeros((z.shape[0], 2), dtype=z.dtype, device=z.device)
+    torch.sum(z, dim=1, out=stats[:, 0])
+    stats[tr, 1] = z_t
+    all_reduce_(stats, group=group)
+    sum_exp = stats[:, 0]
+    loss = (sum_exp.log() + row_max - stats[:, 1]).sum()
+    if not want_p:
+        return loss, (z_t - row_max[tr]).exp_().div_(sum_exp[tr]).sub_(1.0).mul_(cs), None
+    p = z.mul_((cs / sum_exp)[:, None])  # the probabilities are never normalised on their own
+    grad_tgt = p[tr, tc] - cs
+    p[tr, tc] = 0.0
+    if filt is not None:
+        p.masked_fill_(filt, 0.0)
+    return loss, grad_tgt, p
+
+
+def _multi_label_rows(z, tr, tc, tgt, scale, group, cs, want_p):
+    """MLCD loss of a chunk of rows, logits split column-wise across ranks:
+    Σ_i [ log(1 + Σ_pos exp(−s_p)) + log(1 + Σ_neg exp(s_n)) ], s = scale·cosine, the positives
+    (``tr``/``tc``) margined (``tgt``); two all-reduces of 2b floats. Returns what
+    :func:`_margin_ce_rows` returns (positives are exactly 0 in ``p``: exp(−inf))."""
+    b = z.shape[0]
+    z[tr, tc] = -math.inf
+    q = -tgt * scale
+    maxes = torch.zeros((b, 2), dtype=z.dtype, device=z.device)  # the "1" term: max ≥ 0
+    maxes[:, 0] = z.amax(dim=1).clamp_min(0.0)
+    maxes[:, 1] = maxes[:, 1].scatter_reduce(0, tr, q, reduce="amax")
+    all_reduce_(maxes, _MAX, group)
+    m_neg, m_pos = maxes[:, 0], maxes[:, 1]
+    torch.sub(z, m_neg[:, None], out=z).exp_()
+    e_pos = (q - m_pos[tr]).exp()
+    sums = torch.zeros((b, 2), dtype=z.dtype, device=z.device)
+    torch.sum(z, dim=1, out=sums[:, 0])
+    sums[:, 1].index_add_(0, tr, e_pos)
+    all_reduce_(sums, group=group)
+    s_neg = sums[:, 0] + torch.exp(-m_neg)
+    s_pos = sums[:, 1] + torch.exp(-m_pos)
+    loss = (m_neg + s_neg.log() + m_pos + s_pos.log()).sum()
+    grad_tgt = e_pos.div_(s_pos[tr]).mul_(-cs)
+    return loss, grad_tgt, z.mul_((cs / s_neg)[:, None]) if want_p else None
+
+
+class _RowChunkedLoss(torch.autograd.Function):
+    """Margin softmax or MLCD loss over this rank's S sampled classes, the global batch's rows
+    scored ``row_chunk`` at a time, each chunk's gradients computed in the forward.
+
+    Why in the forward: a row's softmax needs every class, and a chunk of rows scored against
+    all S classes has them — its log-sum-exp is complete (after the two all-reduces of its
+    rows), so the chunk's probabilities, hence its embedding gradient (p·Y) and its share of the
+    centres' gradient (pᵀ·e_n, accumulated over the chunks), follow at once, and the (b, S)
+    block is then dropped. Three GEMMs per step as without chunks, no recomputation (chunking
+    the classes instead needs a fourth: :class:`_ChunkedMarginCE`); the working set is
+    ``row_chunk`` × S logits next to the S·K × D gathered rows and their gradient. One chunk
+    of all B rows is the unchunked head. The gradients are those of an upstream gradient of 1;
+    the backward scales them by the one it gets (DeepSpeed's fp16 loss scale, a weighted sum).
+
+    ``want_grad`` (no autograd graph under ``torch.no_grad``, where ``needs_input_grad`` still
+    says True) skips the gradient GEMMs.
     """
 
     @staticmethod
-    def forward(ctx, e_n, weight, tgt, rows, cols, plan, scale, thresh, group, n_rows):
+    def forward(
+        ctx, e_n, weight, tgt, rows, cols, plan, scale, thresh, group, n_rows, row_chunk,
+        multi, want_grad,
+    ):  # fmt: skip
+        b = e_n.shape[0]
         y, n = plan.gather(weight, 0, plan.n_classes)
-        z, arg = _block_logits(e_n, y, plan, scale)
-        filt = None
-        if thresh is not None:
-            filt = z > thresh * scale
-            filt[rows, cols] = False
-            z.masked_fill_(filt, 0.0)
-        z_t = tgt * scale
-        z[rows, cols] = z_t
-        row_max = z.amax(dim=1)
-        all_reduce_(row_max, _MAX, group)
-        torch.sub(z, row_max[:, None], out=z).exp_()
-        stats = torch.zeros((z.shape[0], 2), dtype=z.dtype, device=z.device)
-        torch.sum(z, dim=1, out=stats[:, 0])
-        stats[rows, 1] = z_t
-        all_reduce_(stats, group=group)
-        sum_exp = stats[:, 0]
-        loss = (sum_exp.log() + row_max - stats[:, 1]).sum() / n_rows
-        ctx.save_for_backward(e_n, weight, y, n, z, rows, cols, filt, arg, sum_exp)
-        ctx.plan, ctx.scale, ctx.n_rows, ctx.n_targets = plan, scale, n_rows, rows.numel()
-        return loss
+        want_ge = want_grad and ctx.needs_input_grad[0]
+        want_gw = want_grad and ctx.needs_input_grad[1]
+        cs = scale / n_rows
+        ge = torch.empty_like(e_n) if want_ge else None
+        acc = plan.product_buffer(e_n.device, y.shape[1]) if want_gw else None
+        grad_tgt = torch.empty_like(tgt)
+        total = e_n.new_zeros(())
+        first = True
+        for lo, hi, sel in _row_groups(rows, b, row_chunk):
+            tr, tc = rows[sel] - lo, cols[sel]
+            z, arg = _block_logits(e_n[lo:hi], y, plan, scale)
+            want_p = want_ge or want_gw
+            if multi:
+                loss, g_t, p = _multi_label_rows(z, tr, tc, tgt[sel], scale, group, cs, want_p)
+            else:
+                loss, g_t, p = _margin_ce_rows(
+                    z, tr, tc, tgt[sel], scale, thresh, group, cs, want_p
+                )
+            del z
+            total += loss
+            grad_tgt[sel] = g_t
+            if p is not None:
+                p = _to_subcentres(p, plan.k, arg)
+                if ge is not None:
+                    torch.mm(p, y, out=ge[lo:hi])
+                if acc is not None:
+                    torch.addmm(acc, p.T, e_n[lo:hi], beta=0 if first else 1, out=acc)
+                first = False
+            del p, arg
+        ctx.ge, ctx.grad_tgt = ge, grad_tgt
+        ctx.gw = None if acc is None else plan.rows_grad(acc, y, n, e_n.device)
+        ctx.plan, ctx.n_targets = plan, rows.numel()
+        return total / n_rows
 
     @staticmethod
     def backward(ctx, g):
-        e_n, weight, y, n, z, rows, cols, filt, arg, sum_exp = ctx.saved_tensors
-        cs = g / ctx.n_rows * ctx.scale
-        p = z.mul_((cs / sum_exp)[:, None])  # c·s·softmax
-        grad_tgt = p[rows, cols] - cs
-        p[rows, cols] = 0.0
-        if filt is not None:
-            p.masked_fill_(filt, 0.0)
-        p = _to_subcentres(p, ctx.plan.k, arg)
-        ge = torch.mm(p, y) if ctx.needs_input_grad[0] else None
-        gw = ctx.plan.block_grad(ctx, p, e_n, y, n) if ctx.needs_input_grad[1] else None
-        return ge, gw, grad_tgt, None, None, None, None, None, None, None
-
-
-class _BlockMultiLabel(torch.autograd.Function):
-    """MLCD loss over column-split logits, one block per rank (see :class:`_BlockMarginCE`):
-    mean_i [ log(1 + Σ_pos exp(−s_p)) + log(1 + Σ_neg exp(s_n)) ], s = scale·cosine, the
-    positives (``rows``/``cols``) margined (``tgt``); two all-reduces of 2B floats."""
-
-    @staticmethod
-    def forward(ctx, e_n, weight, tgt, rows, cols, plan, scale, group, n_rows):
-        y, n = plan.gather(weight, 0, plan.n_classes)
-        z, arg = _block_logits(e_n, y, plan, scale)
-        b = z.shape[0]
-        z[rows, cols] = -math.inf
-        q = -tgt * scale
-        maxes = torch.zeros((b, 2), dtype=z.dtype, device=z.device)  # the "1" term: max ≥ 0
-        maxes[:, 0] = z.amax(dim=1).clamp_min(0.0)
-        maxes[:, 1] = maxes[:, 1].scatter_reduce(0, rows, q, reduce="amax")
-        all_reduce_(maxes, _MAX, group)
-        m_neg, m_pos = maxes[:, 0], maxes[:, 1]
-        torch.sub(z, m_neg[:, None], out=z).exp_()
-        e_pos = (q - m_pos[rows]).exp()
-        sums = torch.zeros((b, 2), dtype=z.dtype, device=z.device)
-        torch.sum(z, dim=1, out=sums[:, 0])
-        sums[:, 1].index_add_(0, rows, e_pos)
-        all_reduce_(sums, group=group)
-        s_neg = sums[:, 0] + torch.exp(-m_neg)
-        s_pos = sums[:, 1] + torch.exp(-m_pos)
-        loss = (m_neg + s_neg.log() + m_pos + s_pos.log()).sum() / n_rows
-        w_pos = e_pos / s_pos[rows]
-        ctx.save_for_backward(e_n, weight, y, n, z, w_pos, arg, s_neg)
-        ctx.plan, ctx.scale, ctx.n_rows, ctx.n_targets = plan, scale, n_rows, rows.numel()
-        return loss
-
-    @staticmethod
-    def backward(ctx, g):
-        e_n, weight, y, n, z, w_pos, arg, s_neg = ctx.saved_tensors
-        cs = g / ctx.n_rows * ctx.scale
-        p = z.mul_((cs / s_neg)[:, None])  # positives are exactly 0 there (exp(−inf))
-        grad_tgt = -w_pos * cs
-        p = _to_subcentres(p, ctx.plan.k, arg)
-        ge = torch.mm(p, y) if ctx.needs_input_grad[0] else None
-        gw = ctx.plan.block_grad(ctx, p, e_n, y, n) if ctx.needs_input_grad[1] else None
-        return ge, gw, grad_tgt, None, None, None, None, None, None
+        ge, gw, grad_tgt = ctx.ge, ctx.gw, ctx.grad_tgt
+        ctx.ge = ctx.gw = ctx.grad_tgt = None
+        if ge is None and ctx.needs_input_grad[0] or gw is None and ctx.needs_input_grad[1]:
+            raise RuntimeError("PartialFC: backward through a loss computed without gradients")
+        if not bool(g == 1.0):  # one host sync; a pass over the gradients only when needed
+            grad_tgt = grad_tgt * g
+            for t in (ge, gw):
+                if t is not None:
+                    t.mul_(g)
+        gw = None if gw is None else ctx.plan.hand_over(ctx, gw)
+        return (ge, gw, grad_tgt) + (None,) * 10
 
 
 class PartialFC(nn.Module):
@@ -704,8 +759,15 @@ class PartialFC(nn.Module):
             softmax statistics online, and recompute each chunk's logits in the backward
             instead of storing them: the working set is then B × class_chunk logits (×K raw
             cosines) and class_chunk·K gathered rows, not B × S and S·K, for one more GEMM
-            per step. None (default) = one block, the path without recomputation. Same loss
-            and gradients either way (tests/test_partial_fc_chunked.py).
+            per step. None (default) = every sampled class in one block, the path without
+            recomputation. Same loss and gradients either way
+            (tests/test_partial_fc_chunked.py). For when even the S·K × D gathered rows are too
+            many; otherwise ``row_chunk`` bounds the block for less time.
+        row_chunk: score the global batch's rows this many at a time against all sampled
+            classes and compute each chunk's gradients at once (:class:`_RowChunkedLoss`):
+            the working set is row_chunk × S logits (×K raw cosines) next to the S·K × D
+            gathered rows and their gradient, for no extra GEMM. None (default) = all B rows
+            in one chunk. Excludes ``class_chunk``.
     """
 
     def __init__(
@@ -730,6 +792,7 @@ class PartialFC(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         class_chunk: int | None = None,
+        row_chunk: int | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
@@ -740,6 +803,10 @@ class PartialFC(nn.Module):
             raise ValueError(f"num_subcenters must be >= 1, got {num_subcenters}")
         if class_chunk is not None and class_chunk < 1:
             raise ValueError(f"class_chunk must be >= 1 or None, got {class_chunk}")
+        if row_chunk is not None and row_chunk < 1:
+            raise ValueError(f"row_chunk must be >= 1 or None, got {row_chunk}")
+        if class_chunk is not None and row_chunk is not None:
+            raise ValueError("class_chunk and row_chunk exclude each other: set one")
         if multi_label and interclass_threshold is not None:
             raise ValueError("interclass_threshold applies to the single-label loss only")
         self.group = group
@@ -753,6 +820,7 @@ class PartialFC(nn.Module):
         self.seed, self.grad_average = int(seed), bool(grad_average)
         self.sparse_grad = sparse_grad
         self.class_chunk = None if class_chunk is None else int(class_chunk)
+        self.row_chunk = None if row_chunk is None else int(row_chunk)
         self._owns_optimizer = False
         self._warned_dense = False
         if m is not None and margin_m is not None and m != margin_m:
@@ -786,6 +854,7 @@ class PartialFC(nn.Module):
             f"sample_rate={self.sample_rate}, feature_rate={self.feature_rate}, "
             f"K={self.num_subcenters}, multi_label={self.multi_label}, world={self.world}"
             + ("" if self.class_chunk is None else f", class_chunk={self.class_chunk}")
+            + ("" if self.row_chunk is None else f", row_chunk={self.row_chunk}")
         )
 
     @torch.no_grad()
@@ -940,8 +1009,8 @@ class PartialFC(nn.Module):
                     "PartialFC: dense centre gradients (no head.make_optimizer()): a stock "
                     "optimizer will decay/advance unsampled rows too (PartialFC v2 semantics)"
                 )
-            # One block (the unchunked loss) = one chunk of every sampled class whose logits
-            # are kept, its big buffers reused across steps.
+            # Without class chunks: one chunk of every sampled class (rows chunked or not), its
+            # big buffers reused across steps.
             n_sampled = self.num_local if idx is None else int(idx.numel())
             if self.class_chunk is not None:  # bounded memory: reuse within the step only
                 self._ws.trim()
@@ -969,14 +1038,17 @@ class PartialFC(nn.Module):
             params = mg.prepare(norms=norms, cos_target=cos_global, generator=shared)
             tgt = mg(cos_t, None if params is None else params.to(device)[rows])
 
-            chunked = self.class_chunk is not None
-            if self.multi_label:
-                fn = _ChunkedMultiLabel if chunked else _BlockMultiLabel
-                return fn.apply(
-                    e_n, self.weight, tgt, rows, cols, plan, mg.scale, self.group, n_rows
-                )
-            fn = _ChunkedMarginCE if chunked else _BlockMarginCE
-            return fn.apply(
+            if self.class_chunk is not None:
+                if self.multi_label:
+                    return _ChunkedMultiLabel.apply(
+                        e_n, self.weight, tgt, rows, cols, plan, mg.scale, self.group, n_rows
+                    )
+                return _ChunkedMarginCE.apply(
+                    e_n, self.weight, tgt, rows, cols, plan, mg.scale, self.interclass_threshold,
+                    self.group, n_rows,
+                )  # fmt: skip
+            return _RowChunkedLoss.apply(
                 e_n, self.weight, tgt, rows, cols, plan, mg.scale, self.interclass_threshold,
-                self.group, n_rows,
+                self.group, n_rows, self.row_chunk or n_rows, self.multi_label,
+                torch.is_grad_enabled(),
             )  # fmt: skip

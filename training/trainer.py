@@ -559,6 +559,7 @@ def build_head(job: TrainJob, env: DistEnv, num_classes: int) -> nn.Module:
         scale=tc.scale,
         num_subcenters=tc.num_subcenters,
         class_chunk=tc.head_class_chunk,
+        row_chunk=tc.head_row_chunk,
         multi_label=tc.objective == "mlcd",
         interclass_threshold=tc.interclass_threshold,
         margin_kwargs=margin_kwargs(tc),
