@@ -67,16 +67,22 @@ def memory_formula(
     rate: float,
     opt_states: int,
     chunk: int | None = None,
+    row_chunk: int | None = None,
 ) -> tuple[float, float]:
     """(static, working) bytes per rank, K = 1, fp32. static = C/N·D·4·(1 + optimizer states).
     Unchunked working = the B × S logits and probabilities (B·S·8) + S·D·16 (gathered rows,
-    normalised rows, gradients). Chunked working = B·chunk·8 (forward block + backward
-    recompute) + 3·chunk·D·4 (a chunk's gathered rows, their gradient, its full-width copy) +
-    S·D·4·(2 + optimizer states) (the sampled rows' gradient; the optimizer's gathered weight
-    rows and state rows)."""
+    normalised rows, gradients). Class-chunked (``chunk``) working = B·chunk·8 (forward block +
+    backward recompute) + 3·chunk·D·4 (a chunk's gathered rows, their gradient, its full-width
+    copy) + S·D·4·(2 + optimizer states) (the sampled rows' gradient; the optimizer's gathered
+    weight rows and state rows). Row-chunked (``row_chunk``) working = row_chunk·S·4 (the block,
+    turned into probabilities in place) + S·D·4·(2 + optimizer states) (the forward's gathered
+    rows and their gradient; then the gradient and the optimizer's gathered rows): the forward's
+    and the optimizer's peaks added, so an upper bound."""
     local = classes / gpus
     s = rate * local
     static = local * d * 4 * (1 + opt_states)
+    if row_chunk is not None:
+        return static, min(row_chunk, batch) * s * 4 + s * d * 4 * (2 + opt_states)
     if chunk is None:
         return static, batch * s * 8 + s * d * 16
     c = min(chunk, s)

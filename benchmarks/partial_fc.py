@@ -118,9 +118,10 @@ def _worker(rank: int, world: int, port: int, args, rate: float, impl: str, queu
         dist.barrier()
         t0 = time.perf_counter()
         loss = head(x, y)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        # After the step, as the trainer does: no old gradient is held during the forward.
+        opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         if i >= args.warmup:
             times.append(dt)

@@ -1,13 +1,17 @@
-"""Partial-FC head with ``class_chunk``: working memory per rank, chunked vs unchunked.
+"""Partial-FC head with ``row_chunk`` or ``class_chunk``: working memory and step time per rank,
+chunked vs unchunked.
 
-Claim: with ``PartialFC(..., class_chunk=c)`` a rank's step allocates, besides its static
-centres + optimizer state, about one B × c logit block and the sampled rows' gradient — not
-the B × S block (S = r·C/N sampled classes) — and costs one more GEMM than the unchunked
-step, i.e. ≈ 4/3 of its time where the unchunked step fits at all.
+Claims: with ``PartialFC(..., row_chunk=r)`` a rank's step allocates, besides its static
+centres + optimizer state, one r × S logit block next to the S × D gathered rows and their
+gradient — not the B × S block (S = r·C/N sampled classes) — and costs the unchunked step's
+time (three GEMMs either way: each chunk's gradients are computed in the forward). With
+``class_chunk=c`` the block is B × c and the gathered rows c × D, for one more GEMM (≈ 4/3 of
+the time where the unchunked step fits at all).
 
 Setup (defaults): 10,000,000 classes, D = 128, r = 0.1, global batch 4,096, 2 gloo ranks with
 one thread each, ArcFace (m 0.5, s 64), SGD momentum 0.9 + weight decay 5e-4 through
-``PartialFC.make_optimizer`` (unsampled rows untouched), chunk 8,192 classes. Each rank holds
+``PartialFC.make_optimizer`` (unsampled rows untouched), class chunk 8,192, row chunk 128
+(``--row-chunk``; at D = 128 its block is the gathered rows' size). Each rank holds
 5M classes: 2.56 GB of centres + 2.56 GB of momentum; it scores the 4,096 × 500,000 block,
 which unchunked is 8.2 GB of fp32 logits per rank. The unchunked mode runs only if its estimate
 fits in this machine's available memory (else it prints why it was skipped), so a second,
@@ -62,7 +66,7 @@ def _gemm_rate(reps: int = 3) -> float:
     return 2 * 4096 * 128 * 8192 / best / 1e9
 
 
-def _worker(rank: int, world: int, port: int, args, classes: int, chunk, queue) -> None:
+def _worker(rank: int, world: int, port: int, args, classes: int, mode, queue) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
     dist.init_process_group(
@@ -83,7 +87,7 @@ def _worker(rank: int, world: int, port: int, args, classes: int, chunk, queue) 
         m=0.5,
         scale=64.0,
         seed=0,
-        class_chunk=chunk,
+        **_mode_kwargs(mode),
     )
     opt = head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
     opt.state[head.weight]["momentum_buffer"] = torch.zeros_like(head.weight)  # what step 1 makes
@@ -99,9 +103,10 @@ def _worker(rank: int, world: int, port: int, args, classes: int, chunk, queue) 
         can_reset = reset_peak() and can_reset
         t0 = time.perf_counter()
         loss = head(x, y)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        # After the step, as the trainer does: no old gradient is held during the forward.
+        opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         peak = status_gb("VmHWM")
         del loss, x
@@ -110,9 +115,9 @@ def _worker(rank: int, world: int, port: int, args, classes: int, chunk, queue) 
             peaks.append(peak)
         if rank == 0:
             log.info(
-                "C=%d chunk=%s step %d: %.2f s, step peak %.2f GB (%.2f above static)",
+                "C=%d %s step %d: %.2f s, step peak %.2f GB (%.2f above static)",
                 classes,
-                chunk,
+                _mode_tag(mode),
                 i,
                 dt,
                 peak,
@@ -136,31 +141,51 @@ def _worker(rank: int, world: int, port: int, args, classes: int, chunk, queue) 
     dist.destroy_process_group()
 
 
-def run(args, classes: int, chunk: int | None) -> list[dict]:
-    """One (classes, chunk) configuration in fresh rank processes."""
-    return spawn_ranks(_worker, args.world, args, classes, chunk)
+def _mode_kwargs(mode: tuple[str, int] | None) -> dict:
+    """PartialFC keyword of a mode: None = unchunked, ("class", c) or ("row", r)."""
+    return {} if mode is None else {f"{mode[0]}_chunk": mode[1]}
 
 
-def estimate_gb(classes: int, args, chunk: int | None) -> tuple[float, float]:
-    """(static, working) GB per rank: fp32 centres + momentum; the logit block (B × S, or
-    B × chunk, 4 bytes) plus the sampled rows (gathered copy, gradient, optimizer's copies)."""
+def _mode_tag(mode: tuple[str, int] | None) -> str:
+    return "unchunked" if mode is None else f"{mode[0]}_chunk={mode[1]:,}"
+
+
+def run(args, classes: int, mode: tuple[str, int] | None) -> list[dict]:
+    """One (classes, mode) configuration in fresh rank processes."""
+    return spawn_ranks(_worker, args.world, args, classes, mode)
+
+
+def estimate_gb(classes: int, args, mode: tuple[str, int] | None) -> tuple[float, float]:
+    """(static, working) GB per rank: fp32 centres + momentum; the logit block (B × S, B × c
+    with class chunks, r × S with row chunks; 4 bytes) plus the sampled rows (gathered copy,
+    gradient, optimizer's copies)."""
     local = classes / args.world
     s = args.rate * local
     static = local * args.dim * 4 * 2
-    block = args.batch * (s if chunk is None else min(chunk, s)) * 4
-    return static / GB, (block + 4 * s * args.dim * 4) / GB
+    return static / GB, (_block_bytes(args.batch, s, mode) + 4 * s * args.dim * 4) / GB
+
+
+def _block_bytes(batch: int, s: float, mode: tuple[str, int] | None) -> float:
+    """Bytes of one fp32 logit block: B × S, B × chunk (class chunks), rows × S (row chunks)."""
+    if mode is None:
+        return batch * s * 4
+    if mode[0] == "class":
+        return batch * min(mode[1], s) * 4
+    return min(mode[1], batch) * s * 4
 
 
 def print_memory_table() -> None:
     """The table of BENCHMARKS.md's chunked-logits section (D = 512, B = 32,768, r = 0.1)."""
     print("\nMemory per rank, 100M classes on 64 GPUs, D=512, global batch 32768, r=0.1:")
-    for chunk in (None, 32768, 8192, 2048):
+    modes = [(None, None), (32768, None), (8192, None), (2048, None), (None, 1024), (None, 256)]
+    for chunk, rows in modes:
         parts = []
         for name, n_states in (("SGD", 1), ("AdamW", 2)):
-            st, wk = memory_formula(100_000_000, 64, 512, 32768, 0.1, n_states, chunk)
+            st, wk = memory_formula(100_000_000, 64, 512, 32768, 0.1, n_states, chunk, rows)
             parts.append(f"{name} {st / GB:5.1f} + {wk / GB:5.2f} GB")
-        tag = "unchunked" if chunk is None else f"chunk {chunk:,}"
-        print(f"  {tag:<13}: " + " | ".join(parts))
+        tag = _mode_tag(None if chunk is None and rows is None else
+                        ("class", chunk) if chunk else ("row", rows))  # fmt: skip
+        print(f"  {tag:<18}: " + " | ".join(parts))
 
 
 def report(tag: str, res: list[dict]) -> dict:
@@ -183,7 +208,7 @@ def report(tag: str, res: list[dict]) -> dict:
 
 
 # --------------------------------------------------------------------------- one device
-def _device_head(classes: int, args, chunk: int | None, dev: torch.device, **kw):
+def _device_head(classes: int, args, mode, dev: torch.device, **kw):
     """The head built on the meta device and materialised on ``dev`` (N(0, 0.01) drawn there):
     the CPU initialisation of 10M × 512 centres would cost more than the whole measurement."""
     from megaclass.training.heads import PartialFC
@@ -196,8 +221,8 @@ def _device_head(classes: int, args, chunk: int | None, dev: torch.device, **kw)
         m=kw.pop("m", 0.5),
         scale=64.0,
         seed=0,
-        class_chunk=chunk,
         device="meta",
+        **_mode_kwargs(mode),
         **kw,
     )
     head.to_empty(device=dev)
@@ -217,25 +242,27 @@ def _single_equal(dev: torch.device, args) -> list[dict]:
     reference): relative max errors of loss, d/dx and d/dW, for the three loss variants."""
     out = []
     cases = (
-        ("arcface", {}, 4096),
+        ("arcface", {}, ("class", 4096)),
         (
             "cosface k=3 filter",
             {"margin": "cosface", "m": 0.35, "num_subcenters": 3, "interclass_threshold": 0.2},
-            3000,
+            ("class", 3000),
         ),
-        ("mlcd f=0.5", {"multi_label": True, "feature_rate": 0.5}, 4096),
+        ("mlcd f=0.5", {"multi_label": True, "feature_rate": 0.5}, ("class", 4096)),
+        ("arcface", {}, ("row", 100)),
+        ("mlcd f=0.5", {"multi_label": True, "feature_rate": 0.5}, ("row", 100)),
     )
     c, b = 100_000, 512
     g = torch.Generator(dev).manual_seed(3)
-    for tag, kw, chunk in cases:
+    for tag, kw, mode in cases:
         x0 = torch.randn(b, args.dim, device=dev, generator=g) * 3
         if kw.get("multi_label"):
             y = torch.randint(0, c, (b, 4), device=dev, generator=g)
         else:
             y = torch.randint(0, c, (b,), device=dev, generator=g)
         res, w0 = [], None
-        for ch in (None, chunk):
-            head = _device_head(c, args, ch, dev, sparse_grad=True, **dict(kw))
+        for m in (None, mode):
+            head = _device_head(c, args, m, dev, sparse_grad=True, **dict(kw))
             if w0 is None:
                 w0 = head.weight.detach().clone()
             with torch.no_grad():
@@ -249,9 +276,9 @@ def _single_equal(dev: torch.device, args) -> list[dict]:
         errs = {}
         for name, a, ref in zip(("loss", "d_x", "d_w"), res[1], res[0]):
             errs[name] = float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-        out.append({"case": tag, "chunk": chunk, **errs})
+        out.append({"case": tag, "mode": _mode_tag(mode), **errs})
         print(
-            f"  {tag:<20} chunk {chunk}: rel. max error "
+            f"  {tag:<20} {_mode_tag(mode)}: rel. max error "
             + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
         )
     return out
@@ -269,7 +296,8 @@ def single_main(args) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     print(
         f"PartialFC on one {torch.cuda.get_device_name(dev) if cuda else 'CPU'}: D={args.dim}, "
-        f"r={args.rate}, chunk {args.chunk:,}, tf32={args.tf32}"
+        f"r={args.rate}, class chunk {args.chunk:,}, row chunk {args.row_chunk:,}, "
+        f"tf32={args.tf32}"
     )
     record: dict = {"device": str(dev), "dim": args.dim, "rate": args.rate, "tf32": args.tf32}
     record["equal"] = _single_equal(dev, args)
@@ -291,13 +319,13 @@ def single_main(args) -> None:
     for spec in args.runs:
         classes, batch = (int(v) for v in spec.split(":"))
         s = max(1, int(args.rate * classes))
-        for chunk in (args.chunk, None):
-            tag = f"C={classes:,} B={batch:,} " + (
-                "unchunked" if chunk is None else f"chunk {chunk:,}"
-            )
-            row = {"classes": classes, "batch": batch, "chunk": chunk}
+        modes = [("class", args.chunk)] if args.chunk else []
+        modes += [("row", args.row_chunk)] if args.row_chunk else []
+        for mode in [*modes, None]:
+            tag = f"C={classes:,} B={batch:,} {_mode_tag(mode)}"
+            row = {"classes": classes, "batch": batch, "mode": _mode_tag(mode)}
             static = classes * args.dim * 4 * 2
-            block = batch * (s if chunk is None else min(chunk, s)) * 4
+            block = _block_bytes(batch, s, mode)
             need = static + 2 * block + 5 * s * args.dim * 4
             free = torch.cuda.mem_get_info(dev)[0] if cuda else available_gb() * GB
             if need > 0.9 * free:
@@ -305,7 +333,7 @@ def single_main(args) -> None:
                 record["runs"].append({**row, "skipped_need_gb": need / GB})
                 continue
             try:
-                row.update(_single_run(dev, args, classes, batch, chunk))
+                row.update(_single_run(dev, args, classes, batch, mode))
             except Exception as exc:  # one configuration failing must not lose the others
                 print(f"  {tag}: FAILED {type(exc).__name__}: {exc}")
                 record["runs"].append({**row, "error": repr(exc)})
@@ -324,11 +352,11 @@ def single_main(args) -> None:
                     json.dump(record, f, indent=1)
 
 
-def _single_run(dev: torch.device, args, classes: int, batch: int, chunk: int | None) -> dict:
+def _single_run(dev: torch.device, args, classes: int, batch: int, mode) -> dict:
     """Warm-up and timed steps of one configuration on one device: time, memory."""
     cuda = dev.type == "cuda"
     flop = 2 * batch * max(1, int(args.rate * classes)) * args.dim
-    head = _device_head(classes, args, chunk, dev)
+    head = _device_head(classes, args, mode, dev)
     opt = head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
     opt.state[head.weight]["momentum_buffer"] = torch.zeros_like(head.weight)
     g = torch.Generator(dev).manual_seed(1)
@@ -375,7 +403,8 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--rate", type=float, default=0.1)
     ap.add_argument("--batch", type=int, default=4096, help="global batch")
-    ap.add_argument("--chunk", type=int, default=8192, help="class_chunk")
+    ap.add_argument("--chunk", type=int, default=8192, help="class_chunk (0: skip the mode)")
+    ap.add_argument("--row-chunk", type=int, default=128, help="row_chunk (0: skip the mode)")
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--steps", type=int, default=2)
@@ -383,7 +412,7 @@ def main() -> None:
     ap.add_argument(
         "--mem-fraction",
         type=float,
-        default=0.85,
+        default=0.95,
         help="run a mode only if its estimate fits this share of MemAvailable",
     )
     ap.add_argument(
@@ -408,6 +437,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.classes, args.compare_classes, args.batch, args.chunk = 200_000, 100_000, 512, 1024
+        args.row_chunk = 128
         args.steps = 1
     if args.device:
         return single_main(args)
@@ -416,19 +446,21 @@ def main() -> None:
 
     print(
         f"PartialFC, chunked vs unchunked: D={args.dim}, r={args.rate}, global batch "
-        f"{args.batch}, chunk {args.chunk:,} classes, {args.world} gloo ranks × {args.threads} "
-        f"thread(s), SGD momentum, lazy rows"
+        f"{args.batch}, class chunk {args.chunk:,}, row chunk {args.row_chunk:,}, {args.world} "
+        f"gloo ranks × {args.threads} thread(s), SGD momentum, lazy rows"
     )
     print_memory_table()
+    modes = [("class", args.chunk)] if args.chunk else []
+    modes += [("row", args.row_chunk)] if args.row_chunk else []
     sizes = [args.classes] + ([args.compare_classes] if args.compare_classes else [])
     for classes in sizes:
         s = int(args.rate * classes / args.world)
         print(f"\nC = {classes:,}: {classes // args.world:,} classes, S = {s:,} sampled per rank")
         rows = {}
-        for chunk in (args.chunk, None):
-            st, wk = estimate_gb(classes, args, chunk)
+        for mode in [*modes, None]:
+            st, wk = estimate_gb(classes, args, mode)
             need = args.world * (st + wk + 1.0)  # + ≈1 GB runtime and slack per rank
-            tag = "unchunked" if chunk is None else f"class_chunk={chunk:,}"
+            tag = _mode_tag(mode)
             print(f"  {tag:<22} estimate per rank: static {st:.2f} GB + working {wk:.2f} GB")
             if need > args.mem_fraction * available_gb():
                 print(
@@ -436,15 +468,20 @@ def main() -> None:
                     f"{available_gb():.1f} GB available"
                 )
                 continue
-            rows[chunk] = report(tag, run(args, classes, chunk))
-        if args.chunk in rows and None in rows:
-            c, u = rows[args.chunk], rows[None]
-            print(
-                f"  chunked / unchunked: step time {c['step_s'] / u['step_s']:.2f}× "
-                f"(4 GEMMs vs 3: 1.33× expected), working memory "
-                f"{c['working_gb'] / u['working_gb']:.2f}×, peak RSS "
-                f"{c['peak_gb'] / u['peak_gb']:.2f}×"
-            )
+            rows[mode] = report(tag, run(args, classes, mode))
+        for mode in modes:
+            if mode in rows and ("row", args.row_chunk) in rows and mode[0] == "class":
+                c, r = rows[mode], rows[("row", args.row_chunk)]
+                print(f"  class / row chunks: step time {c['step_s'] / r['step_s']:.2f}×")
+            if mode in rows and None in rows:
+                c, u = rows[mode], rows[None]
+                gemms = "4 GEMMs vs 3: 1.33×" if mode[0] == "class" else "3 GEMMs vs 3: 1.0×"
+                print(
+                    f"  {_mode_tag(mode)} / unchunked: step time {c['step_s'] / u['step_s']:.2f}× "
+                    f"({gemms} expected), working memory "
+                    f"{c['working_gb'] / u['working_gb']:.2f}×, peak RSS "
+                    f"{c['peak_gb'] / u['peak_gb']:.2f}×"
+                )
 
 
 if __name__ == "__main__":
