@@ -17,6 +17,7 @@ when importable and never required.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 import os
@@ -308,6 +309,86 @@ def _faiss_top1_into(
     best_i.copy_(torch.from_numpy(lab[:, 0]))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class _CpuTiles:
+    """How one CPU pass cuts its work into tiles and finds a tile's top-1.
+
+    Why one object: top-1 search (:func:`_top1_tiles`) and the Lloyd pass
+    (:func:`_assign_reduce_tiles`) must choose faiss or torch, size their tiles and set up each
+    tile thread by the same rule, or the two would drift apart (the Lloyd objective is checked
+    against the search's scores). With ``faiss`` set, tiles are :data:`FAISS_TILE_ROWS` rows
+    against all k centroids (``c_np``: the centroids faiss reads); else they are
+    :func:`_tile_shape` and the score buffer is torch's."""
+
+    cd: torch.Tensor
+    dtype: torch.dtype
+    rows: int
+    cols: int
+    faiss: ModuleType | None = None
+    c_np: np.ndarray | None = None
+
+    @classmethod
+    def plan(
+        cls,
+        xt: torch.Tensor,
+        cd: torch.Tensor,
+        chunk_size: int,
+        block: int | None,
+        dtype: torch.dtype,
+    ) -> _CpuTiles:
+        """Tiling of the rows ``xt`` against the centroids ``cd`` (already in ``dtype``)."""
+        n, d = xt.shape
+        k = cd.shape[0]
+        faiss = (
+            _faiss_knn() if _use_faiss(k, d, dtype, block) and xt.dtype == torch.float32 else None
+        )
+        if faiss is not None:
+            rows = max(1, min(FAISS_TILE_ROWS, n))
+            return cls(cd, dtype, rows, k, faiss, np.ascontiguousarray(cd.numpy()))
+        rows, cols = _tile_shape(n, k, d, chunk_size, block)
+        return cls(cd, dtype, rows, cols)
+
+    def thread_buffer(self) -> torch.Tensor | None:
+        """First thing in every tile thread: faiss's OpenMP team of this thread set to one thread
+        (the setting is per thread), or this thread's own score buffer for torch tiles."""
+        if self.faiss is not None:
+            self.faiss.omp_set_num_threads(1)
+            return None
+        return torch.empty(self.rows * self.cols, dtype=self.dtype)
+
+    def top1_into(
+        self,
+        xr: torch.Tensor,
+        buf: torch.Tensor | None,
+        best_s: torch.Tensor,
+        best_i: torch.Tensor,
+    ) -> None:
+        """Best centroid of every row of the tile ``xr`` into ``best_s`` / ``best_i``, with the
+        ``buf`` of :meth:`thread_buffer`."""
+        if self.faiss is not None:
+            _faiss_top1_into(self.faiss, xr, self.c_np, best_s, best_i)
+            return
+        xr = xr if xr.dtype == self.dtype else xr.to(self.dtype)
+        _top1_into(xr, self.cd, self.cols, buf, best_s, best_i)
+
+
+def _add_assigned(
+    part: torch.Tensor,
+    counts: torch.Tensor,
+    obj: torch.Tensor,
+    xr: torch.Tensor,
+    best_s: torch.Tensor,
+    best_i: torch.Tensor,
+    ones: torch.Tensor,
+) -> None:
+    """Adds rows ``xr``, just assigned to ``best_i`` with scores ``best_s``, to the float32
+    partial sums ``part``, the ``counts`` and the float64 objective ``obj`` (all in place) —
+    the Lloyd reduction of one block, the same on the tile threads and the single pool."""
+    part.index_add_(0, best_i, xr if xr.dtype == torch.float32 else xr.float())
+    counts.index_add_(0, best_i, ones)
+    obj.add_(best_s.sum(dtype=torch.float64))
+
+
 def _top1_tiles(
     xt: torch.Tensor,
     cd: torch.Tensor,
@@ -319,22 +400,15 @@ def _top1_tiles(
 ) -> None:
     """Top-1 of every row on CPU, tile by tile on :func:`tile_threads` threads (dynamic: a
     thread takes the next tile when done, so a preempted core slows only its own tiles)."""
-    n, d = xt.shape
-    k = cd.shape[0]
-    faiss = _faiss_knn() if _use_faiss(k, d, dtype, block) and xt.dtype == torch.float32 else None
-    if faiss is not None:
-        rb, kb = max(1, min(FAISS_TILE_ROWS, n)), k
-        c_np = np.ascontiguousarray(cd.numpy())
-    else:
-        rb, kb = _tile_shape(n, k, d, chunk_size, block)
+    n = xt.shape[0]
+    plan = _CpuTiles.plan(xt, cd, chunk_size, block, dtype)
+    rb = plan.rows
     threads = min(tile_threads(xt), -(-n // rb))
     starts = iter(range(0, n, rb))
     lock = threading.Lock()
 
     def work(_: int) -> None:
-        if faiss is not None:
-            faiss.omp_set_num_threads(1)  # per thread (OpenMP ICV of this pool thread)
-        buf = None if faiss is not None else torch.empty(rb * kb, dtype=dtype)
+        buf = plan.thread_buffer()
         while True:
             with lock:
                 r0 = next(starts, None)
@@ -342,11 +416,7 @@ def _top1_tiles(
                 return
             xr = xt[r0 : r0 + rb]
             r = xr.shape[0]
-            if faiss is not None:
-                _faiss_top1_into(faiss, xr, c_np, best_s[r0 : r0 + r], best_i[r0 : r0 + r])
-                continue
-            xr = xr if xr.dtype == dtype else xr.to(dtype)
-            _top1_into(xr, cd, kb, buf, best_s[r0 : r0 + r], best_i[r0 : r0 + r])
+            plan.top1_into(xr, buf, best_s[r0 : r0 + r], best_i[r0 : r0 + r])
 
     _run_tiles(threads, work)
 
@@ -452,10 +522,7 @@ def assign_reduce_torch(
         xr = xt[r0 : r0 + rb]
         r = xr.shape[0]
         _top1_into(xr if xr.dtype == dtype else xr.to(dtype), cd, kb, buf, best_s[:r], best_i[:r])
-        li = best_i[:r]
-        part.index_add_(0, li, xr if xr.dtype == torch.float32 else xr.float())
-        counts.index_add_(0, li, ones[:r])
-        obj += best_s[:r].sum(dtype=torch.float64)
+        _add_assigned(part, counts, obj, xr, best_s[:r], best_i[:r], ones[:r])
         pending += r
         if pending >= flush or r0 + rb >= n:
             sums += part
@@ -482,12 +549,8 @@ def _assign_reduce_tiles(
     n, d = xt.shape
     k = ct.shape[0]
     cd = ct if ct.dtype == dtype else ct.to(dtype)
-    faiss = _faiss_knn() if _use_faiss(k, d, dtype, block) and xt.dtype == torch.float32 else None
-    if faiss is not None:
-        rb, kb = max(1, min(FAISS_TILE_ROWS, n)), k
-        c_np = np.ascontiguousarray(cd.numpy())
-    else:
-        rb, kb = _tile_shape(n, k, d, chunk_size, block)
+    plan = _CpuTiles.plan(xt, cd, chunk_size, block, dtype)
+    rb = plan.rows
     threads = max(1, min(threads, -(-n // rb)))
     sums = torch.zeros((k, d), dtype=torch.float64)
     parts = [torch.zeros((k, d), dtype=torch.float32) for _ in range(threads)]
@@ -499,28 +562,14 @@ def _assign_reduce_tiles(
         tiles = range(c0, min(n, c0 + flush), rb)
 
         def work(w: int, tiles: range = tiles) -> None:
-            if faiss is not None:
-                faiss.omp_set_num_threads(1)
-            buf = None if faiss is not None else torch.empty(rb * kb, dtype=dtype)
+            buf = plan.thread_buffer()
             best_s = torch.empty(rb, dtype=torch.float32)
             best_i = torch.empty(rb, dtype=torch.int64)
             for r0 in tiles[w::threads]:
                 xr = xt[r0 : min(r0 + rb, n)]
                 r = xr.shape[0]
-                if faiss is not None:
-                    _faiss_top1_into(faiss, xr, c_np, best_s[:r], best_i[:r])
-                    li = best_i[:r]
-                    parts[w].index_add_(0, li, xr)
-                    counts[w].index_add_(0, li, ones[:r])
-                    objs[w] += best_s[:r].sum(dtype=torch.float64)
-                    continue
-                _top1_into(
-                    xr if xr.dtype == dtype else xr.to(dtype), cd, kb, buf, best_s[:r], best_i[:r]
-                )
-                li = best_i[:r]
-                parts[w].index_add_(0, li, xr if xr.dtype == torch.float32 else xr.float())
-                counts[w].index_add_(0, li, ones[:r])
-                objs[w] += best_s[:r].sum(dtype=torch.float64)
+                plan.top1_into(xr, buf, best_s[:r], best_i[:r])
+                _add_assigned(parts[w], counts[w], objs[w], xr, best_s[:r], best_i[:r], ones[:r])
 
         _run_tiles(threads, work)
         for p in parts:
