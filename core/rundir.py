@@ -12,7 +12,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,11 +86,21 @@ class RunDir:
         return self.root / "config.yaml"
 
     # --- config ------------------------------------------------------------------------
-    def write_config(self, cfg: Any, force: bool = False) -> None:
+    def write_config(
+        self, cfg: Any, force: bool = False, ignore: Collection[str] = ()
+    ) -> list[str]:
         """Write RUN/config.yaml; a different config on resume is refused unless forced.
 
         ``run_dir`` itself is not compared (the same run may be reached by another path), nor
         are the ``slurm`` and ``ray`` sections: where a run executes does not change its results.
+
+        ``ignore``: dotted keys (``"train.nproc"``) the caller allows to change on resume. Where
+        the stored file and ``cfg`` both hold such a key with different values, that is no
+        config change: the file is rewritten with the new value and the difference returned
+        (``"train.nproc: 2 -> 1"``, one per key) for the caller to report. Why here: the caller
+        (the elastic resume of pipelines/config.py) needs exactly this comparison with a few
+        keys left out, and a second copy of it would drift from this one. Returns ``[]``
+        when nothing ignored differed (or ``force``).
 
         The file is provisional until a stage has produced output (:meth:`has_stage_output`):
         a first run that failed on its inputs (a wrong shard path, ``cluster.k`` above the
@@ -100,8 +110,10 @@ class RunDir:
         """
         self.root.mkdir(parents=True, exist_ok=True)
         new = config_to_dict(cfg)
+        skipped: list[str] = []
         if self.config_path.exists() and not force:
             old = yaml.safe_load(self.config_path.read_text()) or {}
+            skipped = _take_ignored(old, new, ignore)
             # keys added to the config since the run started take their defaults: a new option
             # that keeps the old behaviour must not stop an existing run from resuming
             if dataclasses.is_dataclass(cfg):
@@ -110,22 +122,25 @@ class RunDir:
                 {k: v for k, v in old.items() if k not in _NOT_COMPARED},
                 {k: v for k, v in new.items() if k not in _NOT_COMPARED},
             )
-            if not diffs:
-                return
-            shown = "; ".join(diffs[:10])
-            output = self.has_stage_output()
-            if output is not None:
-                raise ConfigChangedError(
-                    f"{self.config_path} was written with a different config ({shown}), and "
-                    f"the run has output made with it ({output}). Use a new run directory, or "
-                    "pass --force to resume with the new config."
+            if diffs:
+                shown = "; ".join(diffs[:10])
+                output = self.has_stage_output()
+                if output is not None:
+                    raise ConfigChangedError(
+                        f"{self.config_path} was written with a different config ({shown}), "
+                        f"and the run has output made with it ({output}). Use a new run "
+                        "directory, or pass --force to resume with the new config."
+                    )
+                log.warning(
+                    "%s: replacing the config of an earlier attempt that produced no stage "
+                    "output (%s)",
+                    self.config_path,
+                    shown,
                 )
-            log.warning(
-                "%s: replacing the config of an earlier attempt that produced no stage output (%s)",
-                self.config_path,
-                shown,
-            )
+            elif not skipped:
+                return []
         write_text_atomic(self.config_path, dump_config(cfg))
+        return skipped
 
     def has_stage_output(self) -> Path | None:
         """The first file a stage wrote in its folders, or None while no stage has output.
@@ -228,6 +243,26 @@ def _first_file(folder: Path) -> Path | None:
         if found is not None:
             return found
     return None
+
+
+def _take_ignored(old: dict[str, Any], new: dict[str, Any], ignore: Collection[str]) -> list[str]:
+    """For :meth:`RunDir.write_config`'s ``ignore``: every dotted key that ``old`` and ``new``
+    both hold with different values takes ``new``'s value in ``old`` (in place), so the
+    comparison passes over it; returns those differences, ``"key: old -> new"``. A key the
+    stored file lacks is left to the comparison (it takes its default there)."""
+    skipped = []
+    for key in ignore:
+        *path, leaf = key.split(".")
+        a: Any = old
+        b: Any = new
+        for part in path:
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        if isinstance(a, dict) and isinstance(b, dict) and leaf in a and leaf in b:
+            if a[leaf] != b[leaf]:
+                skipped.append(f"{key}: {a[leaf]!r} -> {b[leaf]!r}")
+                a[leaf] = b[leaf]
+    return skipped
 
 
 def _with_defaults(default: Any, old: Any) -> Any:

@@ -10,12 +10,10 @@ checks live one floor down in ``core/config.py``. Every field carries a docstrin
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from megaclass.clustering.config import AssignConfig, ClusterConfig
 from megaclass.core.config import (
     ConfigError,
@@ -365,15 +363,8 @@ def write_run_config(rd: RunDir, cfg: RunConfig, force: bool = False) -> None:
     number of ranks (train.nproc, micro_batch_size, grad_accum, launcher changed, nothing
     else) is not a config change: a requeued job that got another node count just goes on
     (docs/training.md, 'Elastic resume'). Any other difference is refused as before."""
-    if not force and rd.config_path.is_file():
-        old = (yaml.safe_load(rd.config_path.read_text()) or {}).get("train") or {}
-        split = {k: old[k] for k in ELASTIC_KEYS if k in old and old[k] != getattr(cfg.train, k)}
-        if split:
-            probe = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **split))
-            rd.write_config(probe)  # raises ConfigChangedError on any other difference
-            now = {k: getattr(cfg.train, k) for k in split}
-            logging.getLogger(__name__).warning(
-                "train split over ranks changed %s -> %s (elastic resume)", split, now
-            )
-            force = True
-    rd.write_config(cfg, force)
+    split = rd.write_config(cfg, force, ignore=[f"train.{k}" for k in ELASTIC_KEYS])
+    if split:
+        logging.getLogger(__name__).warning(
+            "train split over ranks changed (%s): elastic resume", "; ".join(split)
+        )
