@@ -143,6 +143,24 @@ def plot_train_eval(records: list[dict[str, Any]], path: Path) -> str | None:
     return None
 
 
+def _percent(vals: list[Any]) -> list[float]:
+    """Metric fractions as percent; None (a metric not computed) becomes NaN, a gap in the line."""
+    return [np.nan if v is None else 100 * v for v in vals]
+
+
+def _log2_axis(ax: Any, ticks: list[int]) -> None:
+    """x on a base-2 log scale, a tick at each of ``ticks``, labelled as plain numbers.
+
+    Why shared: Recall@K and the compact-feature plots both have powers-of-two x values (K, d)
+    and must label them alike (1, 2, 4 ... not 2^0, 2^1 ..., no minor labels)."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_recall(ev: dict[str, Any], path: Path) -> str | None:
     encs = {n: r for n, r in (ev.get("encoders") or {}).items() if recall_ks(r["full"])}
     if not encs:
@@ -151,18 +169,8 @@ def plot_recall(ev: dict[str, Any], path: Path) -> str | None:
     for name, r in encs.items():
         ks = recall_ks(r["full"])
         vals = [r["full"][f"recall@{k}"] for k in ks]
-        ax.plot(
-            ks,
-            [np.nan if v is None else 100 * v for v in vals],
-            marker="o",
-            label=f"{name} ({r.get('dim')}d)",
-        )
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({k for r in encs.values() for k in recall_ks(r["full"])}))
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.plot(ks, _percent(vals), marker="o", label=f"{name} ({r.get('dim')}d)")
+    _log2_axis(ax, sorted({k for r in encs.values() for k in recall_ks(r["full"])}))
     ax.set_xlabel("K")
     ax.set_ylabel("Recall@K (%)")
     ax.set_title("retrieval on held-out classes")
@@ -188,15 +196,10 @@ def plot_dims(ev: dict[str, Any], path: Path) -> str | None:
         ds = [d for d, _ in pts]
         for ax, key in ((a1, "recall@1"), (a2, "map@r")):
             vals = [m.get(key) for _, m in pts]
-            ax.plot(ds, [np.nan if v is None else 100 * v for v in vals], marker="o", label=name)
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
+            ax.plot(ds, _percent(vals), marker="o", label=name)
     ticks = sorted({d for pts in series.values() for d, _ in pts})
     for ax, label in ((a1, "Recall@1 (%)"), (a2, "mAP@R (%)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        _log2_axis(ax, ticks)
         ax.set_xlabel("feature dimension (first d, renormalised)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
