@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from megaclass.data.labels import file_sha256, write_labels
+from megaclass.data.labels import file_sha256
 from megaclass.data.writer import ShardWriter
 from PIL import Image
 
@@ -31,6 +31,7 @@ _T = runpy.run_path(str(Path(__file__).with_name("test_train.py")), run_name="te
 PY, REPO, _check, _env, _heads, _metrics = (
     _T[k] for k in ("PY", "REPO", "_check", "_env", "_heads", "_metrics")
 )
+write_label_sidecars, write_train_config = _T["write_label_sidecars"], _T["write_train_config"]
 
 NCLS, STEPS, STOP = 8, 6, 3
 SPLIT = {2: (4, 1), 1: (4, 2), 4: (2, 1)}  # ranks: (micro_batch_size, grad_accum); global 8
@@ -57,22 +58,15 @@ def _make_run(root: Path) -> Path:
     (run / "cluster").mkdir(parents=True)
     np.save(run / "cluster" / "centroids.npy", np.ones((NCLS, 4), np.float32))
     sha = file_sha256(run / "cluster" / "centroids.npy")
-    for stem, items in keys.items():
-        cls = np.array([c for _, c in items])[:, None]
-        write_labels(run / "labels" / f"{stem}.parquet", [k for k, _ in items], cls,
-                     np.ones(cls.shape, np.float32), sha)  # fmt: skip
+    write_label_sidecars(run, keys, sha, top=1, ncls=NCLS)
     micro, accum = SPLIT[2]
-    cfg = {
-        "run_dir": str(run),
-        "seed": 0,
-        "data": {
-            "shards": str(shard_dir / "el-{000000..000003}.tar"),
-            "image_size": 32,
-            "num_workers": 0,
-            "shuffle_buffer": 4,
-        },  # fmt: skip
-        "cluster": {"k": NCLS},
-        "train": dict(
+    write_train_config(
+        run / "cfg.yaml",
+        run,
+        str(shard_dir / "el-{000000..000003}.tar"),
+        shuffle_buffer=4,
+        cluster={"k": NCLS},
+        train=dict(
             objective="pfc",
             model="open_clip:megaclass-tiny-vit",
             embed_dim=16,
@@ -94,8 +88,7 @@ def _make_run(root: Path) -> Path:
             grad_accum=accum,
             log_batch_keys=True,
         ),  # fmt: skip
-    }
-    (run / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    )
     return run
 
 

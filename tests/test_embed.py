@@ -347,26 +347,30 @@ def test_real_offline_teachers_equal_plain_loop(local_ray, tmp_path):
 # kill the driver mid-run, start again: identical files
 
 
-def _write_yaml(path: Path, run_dir: Path, shards: list[str]) -> Path:
-    path.write_text(
-        "\n".join(
-            [
-                f"run_dir: {run_dir}",
-                "data:",
-                f"  shards: '{'::'.join(shards)}'",
-                "ray:",
-                "  num_cpus: 2",
-                "embed:",
-                f"  image_teacher: '{TINY}'",
-                f"  text_teacher: '{TINY}'",
-                "  allow_random_teacher: true",  # the tiny test teacher has no weights
-                "  image_size: 64",
-                "  batch_size: 4",
-            ]
-        )
-        + "\n"
-    )
+def write_embed_yaml(path: Path, run_dir: Path, shards: list[str], **embed: object) -> Path:
+    """``path``: the config file of an embed run of ``shards`` on 2 Ray CPUs with the tiny test
+    teacher for images; ``embed`` adds ``embed.*`` keys (values written as JSON, which YAML
+    reads as written).
+
+    Shared with tests/test_embed_crash.py: the tests that start the stage in another process
+    differ only in their embed settings."""
+    lines = [
+        f"run_dir: {run_dir}",
+        "data:",
+        f"  shards: '{'::'.join(shards)}'",
+        "ray:",
+        "  num_cpus: 2",
+        "embed:",
+        f"  image_teacher: '{TINY}'",
+        "  allow_random_teacher: true",  # the tiny test teacher has no weights
+        *(f"  {k}: {json.dumps(v)}" for k, v in embed.items()),
+    ]
+    path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _write_yaml(path: Path, run_dir: Path, shards: list[str]) -> Path:
+    return write_embed_yaml(path, run_dir, shards, text_teacher=TINY, image_size=64, batch_size=4)
 
 
 def _snapshot(embed_dir: Path) -> dict[str, bytes]:

@@ -24,7 +24,9 @@ from megaclass.data.writer import ShardWriter
 from megaclass.pipelines.embed_actor import EMBED_CRASH_ENV
 from PIL import Image
 
-TINY = "open_clip:megaclass-tiny"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_embed import write_embed_yaml  # noqa: E402
+
 DRIVER = """
 import sys
 from megaclass.pipelines.config import load_config
@@ -51,27 +53,16 @@ def _shards(out: Path, sizes: list[int]) -> list[str]:
 
 
 def _run_stage(tmp_path: Path, shards: list[str], env: dict[str, str], timeout: float):
-    cfg = tmp_path / "crash.yaml"
-    cfg.write_text(
-        "\n".join(
-            [
-                f"run_dir: {tmp_path / 'run'}",
-                "data:",
-                f"  shards: '{'::'.join(shards)}'",
-                "ray:",
-                "  num_cpus: 2",
-                "embed:",
-                f"  image_teacher: '{TINY}'",
-                "  text_teacher: none",
-                "  allow_random_teacher: true",
-                "  batch_size: 4",
-                "  max_retries: 2",
-                "  actor_crash_retries: 1",
-                "  num_cpus_per_actor: 1",
-                "  num_cpus_per_decoder: 0.5",
-            ]
-        )
-        + "\n"
+    cfg = write_embed_yaml(
+        tmp_path / "crash.yaml",
+        tmp_path / "run",
+        shards,
+        text_teacher="none",
+        batch_size=4,
+        max_retries=2,
+        actor_crash_retries=1,
+        num_cpus_per_actor=1,
+        num_cpus_per_decoder=0.5,
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", DRIVER, str(cfg)],

@@ -33,7 +33,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import _env, write_shards  # noqa: E402
+from test_train import _env, write_shards, write_train_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "megaclass-tiny-vit"
@@ -110,16 +110,11 @@ def siglip_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     shard_dir, _ = write_shards(root / "shards")
     run = root / "run"
-    cfg = {
-        "run_dir": str(run),
-        "seed": 0,
-        "data": {
-            "shards": str(shard_dir / "train-{000000..000001}.tar"),
-            "image_size": 32,
-            "num_workers": 0,
-            "shuffle_buffer": 16,
-        },
-        "train": {
+    write_train_config(
+        root / "cfg.yaml",
+        run,
+        str(shard_dir / "train-{000000..000001}.tar"),
+        {
             "objective": "siglip",
             "model": f"open_clip:{TINY}",
             "embed_dim": 32,
@@ -131,8 +126,7 @@ def siglip_run(tmp_path_factory):
             "keep_last": 2,
             "log_every": 1,
         },
-    }
-    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    )
     cmd = [sys.executable, "-m", "megaclass.pipelines.train", str(root / "cfg.yaml")]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400, cwd=REPO)
     assert res.returncode == 0, res.stderr[-4000:]

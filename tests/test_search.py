@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,24 +21,11 @@ from megaclass.pipelines.config import load_config
 from megaclass.pipelines.eval import run_eval
 from megaclass.pipelines.index import MANIFEST, THUMBS_FILE, choose_index, read_manifest
 from megaclass.pipelines.search import run_search
-from PIL import Image
 
-COLORS = {
-    "red": (220, 30, 30),
-    "green": (30, 200, 40),
-    "blue": (30, 40, 220),
-    "yellow": (230, 220, 40),
-    "black": (10, 10, 10),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_eval import COLORS, _image  # noqa: E402  (the eval tests' colour classes)
+
 TEACHER = "open_clip:megaclass-tiny"  # a CLIP with a text tower (random, seeded weights)
-
-
-def _image(rgb: tuple[int, int, int], seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    arr = np.clip(np.array(rgb)[None, None, :] + rng.normal(0, 12, (40, 40, 3)), 0, 255)
-    x, y = rng.integers(0, 28, 2)
-    arr[y : y + 12, x : x + 12] = 255
-    return Image.fromarray(arr.astype(np.uint8))
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,46 @@ def write_shards(out: Path):
     return out, keys
 
 
+def write_label_sidecars(
+    run: Path, keys: dict[str, list[tuple[str, int]]], sha: str, top: int = 4, ncls: int = NCLS
+) -> None:
+    """RUN/labels/<shard>.parquet for the shards of ``keys`` (shard stem -> [(key, class)]):
+    per sample its class, then the next ``top - 1`` classes (mod ``ncls``), every score 1.
+
+    Shared with tests/test_elastic.py (loaded with runpy), so that every end-to-end training
+    test writes its sidecars the way the assign stage lays them out."""
+    for stem, items in keys.items():
+        cls = np.array([c for _, c in items])
+        labels = np.stack([(cls + j) % ncls for j in range(top)], 1)
+        write_labels(run / "labels" / f"{stem}.parquet", [k for k, _ in items], labels,
+                     np.ones(labels.shape, np.float32), sha)  # fmt: skip
+
+
+def write_train_config(
+    path: Path, run: Path, shards: str, train: dict, shuffle_buffer: int = 16, **sections
+) -> Path:
+    """``path``: the config of a tiny test training of ``run`` on ``shards`` (seed 0, 32-px
+    images read in the training process), the ``train`` section and any other ``sections``
+    (``cluster={...}``).
+
+    Shared with tests/test_elastic.py and tests/test_hub_export.py: the training tests differ
+    in their train section only, not in how they read the data."""
+    cfg = {
+        "run_dir": str(run),
+        "seed": 0,
+        "data": {
+            "shards": shards,
+            "image_size": 32,
+            "num_workers": 0,
+            "shuffle_buffer": shuffle_buffer,
+        },
+        **sections,
+        "train": train,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def _make_run(root: Path, shards, name: str, **train) -> Path:
     """A run directory with centroids (+sha) and label sidecars, and its config file."""
     shard_dir, keys = shards
@@ -67,11 +107,7 @@ def _make_run(root: Path, shards, name: str, **train) -> Path:
     np.save(run / "cluster" / "centroids.npy", cent)
     sha = file_sha256(run / "cluster" / "centroids.npy")
     (run / "cluster" / "centroids.sha256").write_text(sha)
-    for stem, items in keys.items():
-        cls = np.array([c for _, c in items])
-        labels = np.stack([cls, (cls + 1) % NCLS, (cls + 2) % NCLS, (cls + 3) % NCLS], 1)
-        write_labels(run / "labels" / f"{stem}.parquet", [k for k, _ in items], labels,
-                     np.ones(labels.shape, np.float32), sha)  # fmt: skip
+    write_label_sidecars(run, keys, sha)
     tcfg = dict(
         objective="pfc",
         model="open_clip:megaclass-tiny-vit",
@@ -88,19 +124,8 @@ def _make_run(root: Path, shards, name: str, **train) -> Path:
         weight_decay=0.0,
     )
     tcfg.update(train)
-    cfg = {
-        "run_dir": str(run),
-        "seed": 0,
-        "data": {
-            "shards": str(shard_dir / "train-{000000..000001}.tar"),
-            "image_size": 32,
-            "num_workers": 0,
-            "shuffle_buffer": 16,
-        },
-        "cluster": {"k": NCLS},
-        "train": tcfg,
-    }
-    (run / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    shard_spec = str(shard_dir / "train-{000000..000001}.tar")
+    write_train_config(run / "cfg.yaml", run, shard_spec, tcfg, cluster={"k": NCLS})
     return run
 
 
@@ -156,17 +181,32 @@ def _ds_states(ck: Path) -> dict:
     return out
 
 
-def _assert_close_tree(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-7), where
-    elif isinstance(a, dict):
+def assert_trees(a, b, leaf, where: str = "") -> None:
+    """Walks two nested dict/list/tuple trees (checkpoint states) in step, asserting the same
+    keys and lengths, and calls ``leaf(x, y, where)`` on every pair of leaves; ``where`` names
+    the path in the failure message.
+
+    Shared with tests/test_train_eval.py: the tests differ in how leaves compare (close here,
+    identical there), not in how states are walked."""
+    if isinstance(a, dict):
         assert set(a) == set(b), where
         for k in a:
-            _assert_close_tree(a[k], b[k], f"{where}.{k}")
+            assert_trees(a[k], b[k], leaf, f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
-            _assert_close_tree(x, y, f"{where}[{i}]")
+            assert_trees(x, y, leaf, f"{where}[{i}]")
+    else:
+        leaf(a, b, where)
+
+
+def _close_tensors(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-7), where
+
+
+def _assert_close_tree(a, b, where=""):
+    assert_trees(a, b, _close_tensors, where)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_eval import _eval_shards  # noqa: E402
-from test_train import PY, REPO, _check, _env, _make_run, write_shards  # noqa: E402
+from test_train import PY, REPO, _check, _env, _make_run, assert_trees, write_shards  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -43,17 +43,9 @@ def _run(root: Path, shards, name: str, eval_spec: str, **train) -> Path:
     return run
 
 
-def _assert_equal_tree(a, b, where: str) -> None:
+def _identical(a, b, where: str) -> None:
     if isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for k in a:
-            _assert_equal_tree(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal_tree(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
 
@@ -83,9 +75,10 @@ def test_eval_every_leaves_checkpoints_identical(tmp_path):
         assert names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
         for rel in names:
             if rel.endswith(".pt"):
-                _assert_equal_tree(
+                assert_trees(
                     torch.load(a / rel, weights_only=False),
                     torch.load(b / rel, weights_only=False),
+                    _identical,
                     f"{step}/{rel}",
                 )
     losses = [json.loads(x)["loss"] for x in plain_lines]
