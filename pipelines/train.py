@@ -45,7 +45,7 @@ from megaclass.pipelines.config import (
 from megaclass.pipelines.export import hub_dataset_ids
 from megaclass.training import checkpoint as ckpt
 from megaclass.training.config import TrainJob
-from megaclass.training.engine import shutdown_distributed
+from megaclass.training.engine import remove_deepspeed_shm, shutdown_distributed
 from megaclass.training.export import export_encoder
 from megaclass.training.tracking import require_wandb
 
@@ -183,7 +183,10 @@ def _launch_local(cfg: RunConfig, rd: RunDir) -> dict[str, Any]:
         if held is not None:
             env[TOKEN_ENV] = held.env_value()
         log.info("launching: %s", " ".join(cmd))
-        res = run_tied_to_parent(cmd, env=env)
+        try:
+            res = run_tied_to_parent(cmd, env=env)
+        finally:  # what killed ranks left in /dev/shm (a clean rank removes its own)
+            remove_deepspeed_shm(port)
     if res.returncode != 0:
         raise RuntimeError(f"the training ranks exited with {res.returncode}: {' '.join(cmd)}")
     return rd.read_success("train") or {"interrupted": True}

@@ -209,10 +209,19 @@ def _assert_close_tree(a, b, where=""):
     assert_trees(a, b, _close_tensors, where)
 
 
+def _ds_shm_files() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
+SHM_LEFT: dict[str, set[str]] = {}
+
+
 @pytest.fixture(scope="module")
 def pfc_run(tmp_path_factory, shards):
     run = _make_run(tmp_path_factory.mktemp("pfc"), shards, "full")
+    before = _ds_shm_files()
     deepspeed_launch(train_module(run / "cfg.yaml"))
+    SHM_LEFT["pfc"] = _ds_shm_files() - before
     return run
 
 
@@ -238,6 +247,8 @@ def test_pfc_two_ranks_learns_keeps_head_sharded_and_exports(pfc_run):
     assert w0.shape == w1.shape == (NCLS // 2, 32) and not torch.allclose(w0, w1)
     # and the backbone is bit-identical on both ranks
     assert h0["trainer"]["backbone_checksum"] == h1["trainer"]["backbone_checksum"]
+    # DeepSpeed's CPU all-reduce workspaces (64 MiB per rank in /dev/shm) were removed
+    assert not SHM_LEFT["pfc"], SHM_LEFT
     # export: open_clip loads the full state dict and gives the student's features
     import open_clip
     from megaclass.training.encoders import register_tiny_configs
@@ -431,6 +442,8 @@ def test_bf16_two_ranks_zero2_accum_learns_with_head_outside_engine(tmp_path, sh
     # its own optimizer stepped once per optimizer step (6), not per micro-batch (12)
     assert h0["head_opt"]["state"][0]["row_step"].tolist() == [6] * (NCLS // 2)
     assert h0["trainer"]["backbone_checksum"] == h1["trainer"]["backbone_checksum"]
+    # DeepSpeed's CPU all-reduce workspaces (64 MiB per rank in /dev/shm) were removed
+    assert not SHM_LEFT["pfc"], SHM_LEFT
 
 
 def test_fp16_on_cpu_refused_naming_the_key(tmp_path, shards):

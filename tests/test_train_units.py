@@ -14,6 +14,7 @@ from megaclass.training.engine import (
     build_ds_config,
     check_precision,
     map_launcher_env,
+    remove_deepspeed_shm,
 )
 from megaclass.training.tracking import MetricsLogger
 
@@ -309,3 +310,26 @@ def test_shutdown_distributed_leaves_the_group(tmp_path):
     assert dist.is_initialized()
     shutdown_distributed()
     assert not dist.is_initialized()
+
+
+def test_remove_deepspeed_shm_takes_only_that_jobs_files(tmp_path):
+    """The names DeepSpeed's CPU all-reduce gives its /dev/shm workspaces
+    (deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>): a job's files go, by port, and by
+    rank for one rank; another port's or another user's stay."""
+    import os
+
+    uid = os.getuid()
+    names = [
+        f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_29500_0",
+        f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_29500_1",
+        f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_29501_0",
+        f"deepspeed_allreduce_buffer_{uid + 1}_127.0.0.1_29500_0",
+        "unrelated_29500_0",
+    ]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    gone = remove_deepspeed_shm(29500, "127.0.0.1", 1, shm_dir=tmp_path)
+    assert [p.name for p in gone] == [names[1]]
+    gone = remove_deepspeed_shm("29500", shm_dir=tmp_path)
+    assert [p.name for p in gone] == [names[0]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])

@@ -8,6 +8,7 @@ free local port). On CPU the backend is gloo; on GPUs NCCL.
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import logging
 import math
@@ -111,6 +112,39 @@ def shutdown_distributed(barrier: bool = True) -> None:
     if barrier:
         dist.barrier()
     dist.destroy_process_group()
+    env = os.environ
+    if "MASTER_PORT" in env and "RANK" in env:
+        remove_deepspeed_shm(env["MASTER_PORT"], env.get("MASTER_ADDR", ""), env["RANK"])
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def remove_deepspeed_shm(
+    port: str | int, addr: str = "*", rank: str | int = "*", shm_dir: Path = SHM_DIR
+) -> list[Path]:
+    """Delete the shared-memory files DeepSpeed's CPU all-reduce made for the job whose
+    MASTER_PORT is ``port`` (``addr``/``rank``: that master address / global rank only; "*" =
+    any). Returns the files removed.
+
+    Why: on CPU with every rank on one machine, DeepSpeed's communication backend maps a
+    64 MiB workspace per rank under /dev/shm (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_
+    <rank>``) and never unlinks it, so each training run left 64 MiB per rank of RAM-backed
+    files behind (118 of them, 7.7 GB, after one day of this project's tests). Each rank removes
+    its own at a clean shutdown (the peers have it mapped already; the mapping outlives the
+    name), and the local launcher removes whatever its ranks left when they were killed."""
+    parts = [str(os.getuid()), str(addr), str(port), str(rank)]
+    pattern = "_".join(
+        ["deepspeed_allreduce_buffer"] + [v if v == "*" else glob.escape(v) for v in parts]
+    )
+    removed = []
+    for path in shm_dir.glob(pattern):
+        try:
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:  # a peer removed it first
+            pass
+    return removed
 
 
 # --------------------------------------------------------------------------------------
