@@ -150,6 +150,63 @@ def _mode_tag(mode: tuple[str, int] | None) -> str:
     return "unchunked" if mode is None else f"{mode[0]}_chunk={mode[1]:,}"
 
 
+def _ab_worker(rank: int, world: int, port: int, args, classes: int, modes, queue) -> None:
+    """Step time of several modes in the SAME processes, steps interleaved (mode a, mode b, a,
+    b, ...; each mode its own head and optimizer, the same batches): the paired comparison
+    that a machine whose speed drifts from run to run (here: ±15 % between fresh process
+    pairs) cannot bias. Memory is not measured here (the heads share the processes)."""
+    torch.set_num_threads(args.threads)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    from megaclass.training.heads import PartialFC
+
+    heads, opts = [], []
+    for mode in modes:
+        head = PartialFC(classes, args.dim, sample_rate=args.rate, margin="arcface", m=0.5,
+                         scale=64.0, seed=0, **_mode_kwargs(mode))  # fmt: skip
+        heads.append(head)
+        opts.append(head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4))
+    b = args.batch // world
+    g = torch.Generator().manual_seed(1234 + rank)
+    times: list[list[float]] = [[] for _ in modes]
+    for i in range(args.warmup + args.ab_steps):
+        x0 = torch.randn(b, args.dim, generator=g)
+        y = torch.randint(0, classes, (b,), generator=g)
+        for j, (head, opt) in enumerate(zip(heads, opts)):
+            x = x0.clone().requires_grad_(True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            head(x, y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t = torch.tensor([time.perf_counter() - t0])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the step
+            if i >= args.warmup:
+                times[j].append(float(t))
+    queue.put({"rank": rank, "times": times})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_ab(args, classes: int, modes: list) -> None:
+    """:func:`_ab_worker` for ``modes``; prints each mode's median and the paired ratios to the
+    last mode (unchunked)."""
+    times = spawn_ranks(_ab_worker, args.world, args, classes, modes)[0]["times"]
+    base = times[-1]
+    print(f"  interleaved in the same processes, {args.ab_steps} steps each:")
+    for mode, ts in zip(modes, times):
+        line = f"    {_mode_tag(mode):<22} median step {statistics.median(ts):6.2f} s"
+        if ts is not base:
+            pairs = sorted(a / u for a, u in zip(ts, base))
+            ratio = statistics.median(ts) / statistics.median(base)
+            line += (
+                f" | / unchunked: ratio of medians {ratio:.2f}×, paired median "
+                f"{statistics.median(pairs):.2f}× (min {pairs[0]:.2f}, max {pairs[-1]:.2f})"
+            )
+        print(line)
+
+
 def run(args, classes: int, mode: tuple[str, int] | None) -> list[dict]:
     """One (classes, mode) configuration in fresh rank processes."""
     return spawn_ranks(_worker, args.world, args, classes, mode)
@@ -410,6 +467,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument(
+        "--ab-steps",
+        type=int,
+        default=8,
+        help="at the compare size: steps per mode interleaved in the same processes (0: skip)",
+    )
+    ap.add_argument(
         "--mem-fraction",
         type=float,
         default=0.95,
@@ -469,6 +532,8 @@ def main() -> None:
                 )
                 continue
             rows[mode] = report(tag, run(args, classes, mode))
+        if args.ab_steps and len(rows) == len(modes) + 1:  # every mode fits: paired run too
+            run_ab(args, classes, [*modes, None])
         for mode in modes:
             if mode in rows and ("row", args.row_chunk) in rows and mode[0] == "class":
                 c, r = rows[mode], rows[("row", args.row_chunk)]
