@@ -87,7 +87,14 @@ import numpy as np
 import torch
 from megaclass.core.workspace import Workspace
 from megaclass.data.labels import check_label_sha, label_path, read_labels
-from megaclass.data.reader import DEFAULT_MAX_PIXELS, ImageRejected, iter_samples, load_rgb
+from megaclass.data.reader import (
+    DEFAULT_MAX_CAPTION_BYTES,
+    DEFAULT_MAX_JSON_BYTES,
+    DEFAULT_MAX_PIXELS,
+    ImageRejected,
+    iter_samples,
+    load_rgb,
+)
 from megaclass.data.shards import expand_shards, shard_stem
 from megaclass.data.stats import SampleStats
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -134,7 +141,7 @@ def global_order(parts: Sequence[Sequence[Any]]) -> list[Any]:
 
 
 class _EventStats(SampleStats):
-    """Worker-side stats: records skip events to ship with the next batch."""
+    """Worker-side stats: records skip events and notes to ship with the next batch."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -143,9 +150,10 @@ class _EventStats(SampleStats):
     def skip(self, reason: str, shard: str, key: str | None = None, detail: str = "") -> None:
         self.events.append((reason, shard, key, detail[:200]))
 
-    def drain(self) -> tuple[int, int, list]:
-        out = (self.seen, self.kept, self.events)
+    def drain(self) -> tuple[int, int, list, dict[str, int]]:
+        out = (self.seen, self.kept, self.events, dict(self.noted))
         self.seen, self.kept, self.events = 0, 0, []
+        self.noted.clear()
         return out
 
 
@@ -160,6 +168,7 @@ class _Item:
     seen: int
     kept: int
     events: list
+    noted: dict[str, int]
     end: bool = False
     dry: int | None = None  # the slot at which a stream ran dry (the part holds slots < it)
 
@@ -202,7 +211,15 @@ class _LabelledStream:
             joined = None
             if c.labels_dir is not None:
                 joined = self.shard_labels(url)
-            for s in iter_samples(url, stats, max_pixels=c.max_pixels, decode=False):
+            samples = iter_samples(
+                url,
+                stats,
+                max_pixels=c.max_pixels,
+                decode=False,
+                max_caption_bytes=c.max_caption_bytes,
+                max_json_bytes=c.max_json_bytes,
+            )
+            for s in samples:
                 label = None
                 if c.labels_dir is not None:
                     row = joined[0].get(s.key) if joined is not None else None
@@ -253,6 +270,8 @@ class _StreamConfig:
     drop_last: bool
     max_pixels: int
     seed_transforms: bool
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
 
     @property
     def mine(self) -> list[int]:
@@ -515,6 +534,9 @@ class TrainLoader:
             (what a distributed job needs: equal batches everywhere). False: that last batch is
             yielded short, holding the slots before the first one that could not be filled.
         max_pixels: images with more pixels are skipped (``too_many_pixels``).
+        max_caption_bytes, max_json_bytes: ``data.max_caption_bytes`` / ``data.max_json_bytes``
+            (captions cut there and noted ``caption_truncated``; larger ``.json`` members never
+            read, the sample skipped as ``json_too_large``), as the embed stage applies them.
         check_labels: check every sidecar's sha before the first batch. Off by default: each
             sidecar's sha is checked when its shard is first opened (the same error, raised
             then), so start-up costs no file access per shard — at 41,456 shards on object
@@ -545,6 +567,8 @@ class TrainLoader:
         batches_per_epoch: int | None = None,
         drop_last: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
+        max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
         check_labels: bool = False,
         seed_transforms: bool = True,
         prefetch_factor: int | None = 2,
@@ -606,6 +630,8 @@ class TrainLoader:
             drop_last=drop_last,
             max_pixels=max_pixels,
             seed_transforms=seed_transforms,
+            max_caption_bytes=max_caption_bytes,
+            max_json_bytes=max_json_bytes,
         )
         self.virtual_streams = virtual_streams
         self.num_workers = workers if num_workers else 0
@@ -797,6 +823,8 @@ class TrainLoader:
                     self.stats.kept += item.kept
                     for ev in item.events:
                         self.stats.skip(*ev)
+                    for what, n in item.noted.items():  # caption_truncated, ignored_member
+                        self.stats.note(what, n)
                 if any(it.end for it in items):
                     cut = min((it.dry for it in items if it.dry is not None), default=0)
                     if cut and not c.drop_last:  # the short last batch: slots before `cut`

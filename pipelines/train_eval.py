@@ -51,7 +51,15 @@ def load_eval_images(
     xs: list[torch.Tensor] = []
     classes: list[str] = []
     for url in expand_shards(cfg.data.eval_shards):
-        for s in iter_samples(url, stats, max_pixels=cfg.data.max_image_pixels, decode=True):
+        samples = iter_samples(
+            url,
+            stats,
+            max_pixels=cfg.data.max_image_pixels,
+            decode=True,
+            max_caption_bytes=cfg.data.max_caption_bytes,
+            max_json_bytes=cfg.data.max_json_bytes,
+        )
+        for s in samples:
             cls = s.meta.get(field) if isinstance(s.meta, dict) else None
             if cls is None or (isinstance(cls, str) and not cls.strip()):
                 continue

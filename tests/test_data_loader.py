@@ -313,3 +313,18 @@ def test_resampled_stream_without_any_usable_sample_raises(tiny_dataset, tmp_pat
     # with the sidecars present the same resampled loader keeps producing batches
     b = _loader(tiny_dataset, resampled=True)
     assert len(_take(iter(b), 3)) == 3
+
+
+def test_caption_and_json_caps_come_from_the_loader_arguments(tiny_dataset):
+    """data.max_caption_bytes / data.max_json_bytes reach the reader through the loader (the
+    trainer passes the config's values): captions are cut and noted, samples whose .json is
+    over the cap are skipped and counted — also across worker processes."""
+    a = _loader(tiny_dataset, max_caption_bytes=5, num_workers=2, world_size=1, rank=0)
+    batches = list(a)
+    caps = [c for b in batches for c in b["caption"]]
+    assert caps and all(c == "capti" for c in caps), caps[:5]
+    # every sample read was cut and noted (read ahead into the shuffle buffers included)
+    assert a.stats.noted["caption_truncated"] == a.stats.kept >= len(caps)
+    b = _loader(tiny_dataset, max_json_bytes=4, world_size=1, rank=0, virtual_streams=1)
+    assert _flat(list(b)) == []
+    assert b.stats.skipped["json_too_large"] == b.stats.seen == 120

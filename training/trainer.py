@@ -628,6 +628,8 @@ def build_loader(job: TrainJob, env: DistEnv, transform: Callable) -> Any:
             resampled=job.data.resampled,
             drop_last=True,
             max_pixels=job.data.max_image_pixels,
+            max_caption_bytes=job.data.max_caption_bytes,
+            max_json_bytes=job.data.max_json_bytes,
         )
     except VirtualStreamsError as e:
         raise ConfigError(f"train.virtual_streams: {e}") from e
