@@ -66,6 +66,15 @@ def _gemm_rate(reps: int = 3) -> float:
     return 2 * 4096 * 128 * 8192 / best / 1e9
 
 
+def _head_and_optimizer(args, classes: int, mode):
+    """The benchmark's head (ArcFace m 0.5, s 64) in ``mode`` and its lazy-row SGD optimizer."""
+    from megaclass.training.heads import PartialFC
+
+    head = PartialFC(classes, args.dim, sample_rate=args.rate, margin="arcface", m=0.5,
+                     scale=64.0, seed=0, **_mode_kwargs(mode))  # fmt: skip
+    return head, head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
 def _worker(rank: int, world: int, port: int, args, classes: int, mode, queue) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
@@ -79,17 +88,7 @@ def _worker(rank: int, world: int, port: int, args, classes: int, mode, queue) -
     gflops = _gemm_rate()
     PartialFC(world, 4).make_optimizer()
     rss_runtime = status_gb("VmRSS")
-    head = PartialFC(
-        classes,
-        args.dim,
-        sample_rate=args.rate,
-        margin="arcface",
-        m=0.5,
-        scale=64.0,
-        seed=0,
-        **_mode_kwargs(mode),
-    )
-    opt = head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4)
+    head, opt = _head_and_optimizer(args, classes, mode)
     opt.state[head.weight]["momentum_buffer"] = torch.zeros_like(head.weight)  # what step 1 makes
     rss_static = status_gb("VmRSS")
     b = args.batch // world
@@ -159,14 +158,7 @@ def _ab_worker(rank: int, world: int, port: int, args, classes: int, modes, queu
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
-    from megaclass.training.heads import PartialFC
-
-    heads, opts = [], []
-    for mode in modes:
-        head = PartialFC(classes, args.dim, sample_rate=args.rate, margin="arcface", m=0.5,
-                         scale=64.0, seed=0, **_mode_kwargs(mode))  # fmt: skip
-        heads.append(head)
-        opts.append(head.make_optimizer("sgd", lr=0.1, momentum=0.9, weight_decay=5e-4))
+    heads, opts = zip(*(_head_and_optimizer(args, classes, mode) for mode in modes))
     b = args.batch // world
     g = torch.Generator().manual_seed(1234 + rank)
     times: list[list[float]] = [[] for _ in modes]

@@ -270,8 +270,8 @@ class _StreamConfig:
     drop_last: bool
     max_pixels: int
     seed_transforms: bool
-    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES
-    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES
+    max_caption_bytes: int
+    max_json_bytes: int
 
     @property
     def mine(self) -> list[int]:

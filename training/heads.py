@@ -596,9 +596,9 @@ def _margin_ce_rows(z, tr, tc, tgt, scale, thresh, group, cs, want_p):
     """Softmax cross-entropy of a chunk of rows whose (b, S) logits ``z`` are split column-wise
     across ranks. The targets at ``tr``/``tc`` are replaced by ``scale·tgt`` (their gradient
     flows through ``tgt``), filtered negatives get logit 0 and no gradient. Two all-reduces (b
-    floats, MAX; 2b floats, SUM). Returns (sum over the rows of −log p(target), ∂/∂tgt, and —
-    when ``want_p`` — ∂/∂cosines written over ``z``: cs·softmax, zero at targets and filtered
-    entries; ``cs`` = s/B, the gradient for an upstream gradient of 1)."""
+    floats, MAX; 2b floats, SUM). Returns (sum over the rows of −log p(target), and — when
+    ``want_p``, else None — ∂/∂tgt and ∂/∂cosines written over ``z``: cs·softmax, zero at
+    targets and filtered entries; ``cs`` = s/B, the gradient for an upstream gradient of 1)."""
     filt = None
     if thresh is not None:
         filt = z > thresh * scale
@@ -616,7 +616,7 @@ def _margin_ce_rows(z, tr, tc, tgt, scale, thresh, group, cs, want_p):
     sum_exp = stats[:, 0]
     loss = (sum_exp.log() + row_max - stats[:, 1]).sum()
     if not want_p:
-        return loss, (z_t - row_max[tr]).exp_().div_(sum_exp[tr]).sub_(1.0).mul_(cs), None
+        return loss, None, None
     p = z.mul_((cs / sum_exp)[:, None])  # the probabilities are never normalised on their own
     grad_tgt = p[tr, tc] - cs
     p[tr, tc] = 0.0
@@ -647,8 +647,9 @@ def _multi_label_rows(z, tr, tc, tgt, scale, group, cs, want_p):
     s_neg = sums[:, 0] + torch.exp(-m_neg)
     s_pos = sums[:, 1] + torch.exp(-m_pos)
     loss = (m_neg + s_neg.log() + m_pos + s_pos.log()).sum()
-    grad_tgt = e_pos.div_(s_pos[tr]).mul_(-cs)
-    return loss, grad_tgt, z.mul_((cs / s_neg)[:, None]) if want_p else None
+    if not want_p:
+        return loss, None, None
+    return loss, e_pos.div_(s_pos[tr]).mul_(-cs), z.mul_((cs / s_neg)[:, None])
 
 
 class _RowChunkedLoss(torch.autograd.Function):
@@ -678,16 +679,16 @@ class _RowChunkedLoss(torch.autograd.Function):
         y, n = plan.gather(weight, 0, plan.n_classes)
         want_ge = want_grad and ctx.needs_input_grad[0]
         want_gw = want_grad and ctx.needs_input_grad[1]
+        want_p = want_ge or want_gw
         cs = scale / n_rows
         ge = torch.empty_like(e_n) if want_ge else None
         acc = plan.product_buffer(e_n.device, y.shape[1]) if want_gw else None
-        grad_tgt = torch.empty_like(tgt)
+        grad_tgt = torch.empty_like(tgt) if want_p else None
         total = e_n.new_zeros(())
         first = True
         for lo, hi, sel in _row_groups(rows, b, row_chunk):
             tr, tc = rows[sel] - lo, cols[sel]
             z, arg = _block_logits(e_n[lo:hi], y, plan, scale)
-            want_p = want_ge or want_gw
             if multi:
                 loss, g_t, p = _multi_label_rows(z, tr, tc, tgt[sel], scale, group, cs, want_p)
             else:
@@ -696,8 +697,8 @@ class _RowChunkedLoss(torch.autograd.Function):
                 )
             del z
             total += loss
-            grad_tgt[sel] = g_t
             if p is not None:
+                grad_tgt[sel] = g_t
                 p = _to_subcentres(p, plan.k, arg)
                 if ge is not None:
                     torch.mm(p, y, out=ge[lo:hi])
@@ -714,11 +715,8 @@ class _RowChunkedLoss(torch.autograd.Function):
     def backward(ctx, g):
         ge, gw, grad_tgt = ctx.ge, ctx.gw, ctx.grad_tgt
         ctx.ge = ctx.gw = ctx.grad_tgt = None
-        if ge is None and ctx.needs_input_grad[0] or gw is None and ctx.needs_input_grad[1]:
-            raise RuntimeError("PartialFC: backward through a loss computed without gradients")
         if not bool(g == 1.0):  # one host sync; a pass over the gradients only when needed
-            grad_tgt = grad_tgt * g
-            for t in (ge, gw):
+            for t in (ge, gw, grad_tgt):
                 if t is not None:
                     t.mul_(g)
         gw = None if gw is None else ctx.plan.hand_over(ctx, gw)
